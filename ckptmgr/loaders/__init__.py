@@ -1,0 +1,4 @@
+"""Scheme loaders: the registry and the built-in schemes it dispatches to."""
+from .registry import CheckpointLoader
+
+__all__ = ["CheckpointLoader"]

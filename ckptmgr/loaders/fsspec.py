@@ -1,0 +1,34 @@
+"""Loader for any URL fsspec can open (``s3://``, ``gs://``, ``memory://``, ...).
+
+Credentials come from ``storage_options`` and, for S3, from the standard
+``AWS_*`` environment variables that botocore reads (including ``AWS_ENDPOINT_URL``).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+from .. import storage
+from ..serialization import MapLocation
+from .local import load_directory, load_file
+
+__all__ = ["load_from_fsspec", "fsspec_knows"]
+
+
+def fsspec_knows(protocol: str) -> bool:
+    """True when fsspec has an implementation (installed or not) for ``protocol``."""
+    import fsspec.registry
+    return protocol in fsspec.registry.known_implementations or protocol in fsspec.registry.registry
+
+
+def load_from_fsspec(filename: str, map_location: MapLocation = None, trust_pickle: bool = False,
+                     storage_options: Optional[Dict[str, Any]] = None) -> Any:
+    """Load a checkpoint file or manager directory from an fsspec URL.
+
+    Raises:
+        MissingDependencyError: the protocol's backend (e.g. gcsfs) is not installed.
+        CheckpointNotFoundError: nothing exists at the URL.
+    """
+    if storage.isdir(filename, storage_options):
+        return load_directory(filename, map_location=map_location, storage_options=storage_options)
+    return load_file(filename, map_location=map_location, trust_pickle=trust_pickle,
+                     storage_options=storage_options)

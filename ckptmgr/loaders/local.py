@@ -1,0 +1,47 @@
+"""Loader for local paths and ``file://`` URLs (files, and manager checkpoint directories)."""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional
+
+from .. import storage
+from ..errors import CheckpointNotFoundError
+from ..serialization import MapLocation, load_stream
+
+__all__ = ["load_from_local", "load_file"]
+
+
+def load_file(uri: str, map_location: MapLocation = None, trust_pickle: bool = False,
+              storage_options: Optional[Dict[str, Any]] = None) -> Any:
+    """Load one checkpoint file (``.pth`` or safetensors) from any URI storage can open."""
+    with storage.open_read(uri, storage_options) as fh:
+        size = getattr(fh, "size", None)
+        if size is None and storage.is_local(uri):
+            size = os.fstat(fh.fileno()).st_size
+        return load_stream(fh, name=uri, size=size, map_location=map_location, trust_pickle=trust_pickle)
+
+
+def load_directory(uri: str, map_location: MapLocation = None,
+                   storage_options: Optional[Dict[str, Any]] = None) -> Any:
+    """Load the model weights of a CheckpointManager directory (or one of its step directories)."""
+    from ..manager import load_manager_checkpoint  # local import: the manager is heavier than a file load
+    return load_manager_checkpoint(uri, map_location=map_location, storage_options=storage_options)
+
+
+def load_from_local(filename: str, map_location: MapLocation = None, trust_pickle: bool = False) -> Any:
+    """Load a local file or manager directory.
+
+    Args:
+        filename: A path, ``~`` expanded, or a ``file://`` URL.
+        map_location: As for ``torch.load``.
+        trust_pickle: Allow arbitrary pickle (only for files from a trusted source).
+
+    Raises:
+        CheckpointNotFoundError: the path does not exist.
+    """
+    path = storage.local_path(str(filename))
+    if os.path.isdir(path):
+        return load_directory(path, map_location=map_location)
+    if not os.path.exists(path):
+        raise CheckpointNotFoundError(f"checkpoint not found: {path}")
+    return load_file(path, map_location=map_location, trust_pickle=trust_pickle)

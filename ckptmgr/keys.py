@@ -48,8 +48,16 @@ def revise_keys(state_dict: Mapping[str, Any], rules: Iterable[Rule]) -> "Ordere
             key = pattern.sub(repl, key)
         return key
 
+    def rename_prefix(key: str) -> str:
+        # Metadata keys are module prefixes without the trailing dot; rules are written
+        # for parameter keys (r'^module\.'), so match them with the dot put back.
+        dotted = rename(key + ".")
+        if dotted == "" or dotted.endswith("."):
+            return dotted[:-1]
+        return rename(key)
+
     out: "OrderedDict[str, Any]" = OrderedDict((rename(k), v) for k, v in state_dict.items())
-    _copy_metadata(state_dict, out, rename)
+    _copy_metadata(state_dict, out, rename_prefix)
     return out
 
 

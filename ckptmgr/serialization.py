@@ -362,13 +362,14 @@ def load_torch(fileobj: IO[bytes], map_location: MapLocation = None, trust_pickl
         UnsafeCheckpointError: the file needs arbitrary pickle (classes, functions).
         CorruptCheckpointError: the file is truncated or not a torch file.
     """
+    start = fileobj.tell() if getattr(fileobj, "seekable", lambda: False)() else None
     try:
         if trust_pickle:  # explicit opt-in by the caller: the only weights_only=False in ckptmgr
             return torch.load(fileobj, map_location=map_location, weights_only=False)
         return torch.load(fileobj, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        if "GLOBAL" in text or "global" in text:
+        if "GLOBAL" in text or "global" in text or _plain_pickle_needing_code(fileobj, start):
             raise UnsafeCheckpointError(
                 f"{source} needs arbitrary pickle code to load ({_first_reason(text)})") from exc
         raise CorruptCheckpointError(f"{source} is not a valid torch checkpoint: {_first_reason(text)}") from exc
@@ -378,6 +379,26 @@ def load_torch(fileobj: IO[bytes], map_location: MapLocation = None, trust_pickl
             raise
         raise CorruptCheckpointError(
             f"{source} could not be read as a torch checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from exc
+
+
+_CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"}
+
+
+def _plain_pickle_needing_code(fileobj: IO[bytes], start: Optional[int]) -> bool:
+    """True when the stream is a well-formed plain pickle that imports or calls something.
+
+    torch's restricted unpickler rejects some valid pickles (e.g. protocol 4
+    frames) with a generic message; ``pickletools.genops`` only parses opcodes
+    (it never executes them), which tells "needs arbitrary code" from "garbage".
+    """
+    if start is None:
+        return False
+    import pickletools
+    try:
+        fileobj.seek(start)
+        return any(op.name in _CODE_OPCODES for op, _, _ in pickletools.genops(fileobj))
+    except Exception:  # not a parseable pickle: it is corrupt, not unsafe
+        return False
 
 
 def _first_reason(text: str) -> str:

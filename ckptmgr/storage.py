@@ -153,6 +153,9 @@ def atomic_write(uri: str, storage_options: Optional[Dict[str, Any]] = None) -> 
         except BaseException:
             with contextlib.suppress(Exception):
                 fh.discard()
+            # fsspec files close themselves when garbage-collected, and closing a
+            # discarded upload would start a new one; mark it closed instead.
+            fh.closed = True
             raise
         return
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"

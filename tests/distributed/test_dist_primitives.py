@@ -1,0 +1,98 @@
+"""ckptmgr.dist on real gloo ranks: agreement, broadcast, and failures that never hang."""
+import os
+import time
+
+import pytest
+
+from tests.multiproc import run_ranks
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _collectives(rank, world):
+    from ckptmgr import dist
+    value = dist.broadcast_json({"step": 7, "from": rank} if rank == 0 else None)
+    gathered = dist.all_gather_json({"rank": rank, "pad": "x" * rank})
+    agree_all = dist.all_agree(True)
+    agree_one = dist.all_agree(rank != 1)
+    dist.barrier(timeout=30)
+    return value, [g["rank"] for g in gathered], agree_all, agree_one, dist.get_rank(), dist.get_world_size()
+
+
+def test_collectives_on_three_ranks():
+    results = run_ranks(_collectives, 3)
+    for rank, (status, value) in enumerate(results):
+        assert status == "ok", value
+        assert value == ({"step": 7, "from": 0}, [0, 1, 2], True, False, rank, 3)
+
+
+def _leader_fails(rank, world, marker_dir):
+    from ckptmgr import rank_zero_first
+    with rank_zero_first(local=True, timeout=30):
+        if rank == 0:
+            raise OSError("download failed on rank 0")
+        open(os.path.join(marker_dir, f"body-{rank}"), "w").close()
+    return "ran body"
+
+
+def test_rank_zero_first_propagates_leader_failure(tmp_path):
+    results = run_ranks(_leader_fails, 3, str(tmp_path))
+    assert results[0][0] == "err" and "download failed on rank 0" in results[0][1]
+    for status, text in results[1:]:
+        assert status == "err" and "DistributedError" in text and "rank 0 failed" in text
+    assert os.listdir(tmp_path) == []  # followers never ran their body
+
+
+def _leader_first(rank, world, marker_dir):
+    from ckptmgr import rank_zero_first
+    with rank_zero_first(timeout=30):
+        if rank == 0:
+            time.sleep(0.5)
+        path = os.path.join(marker_dir, f"{time.monotonic_ns()}-{rank}")
+        open(path, "w").close()
+    return rank
+
+
+def test_rank_zero_first_orders_the_bodies(tmp_path):
+    results = run_ranks(_leader_first, 3, str(tmp_path))
+    assert [s for s, _ in results] == ["ok"] * 3
+    order = [int(name.split("-")[1]) for name in sorted(os.listdir(tmp_path), key=lambda n: int(n.split("-")[0]))]
+    assert order[0] == 0 and sorted(order) == [0, 1, 2]
+
+
+def _one_rank_late(rank, world):
+    from ckptmgr import dist
+    if rank == 1:
+        time.sleep(6)
+        return "late"
+    start = time.monotonic()
+    try:
+        dist.barrier(timeout=2)
+    except Exception as exc:
+        return type(exc).__name__, round(time.monotonic() - start, 1)
+    return "passed"
+
+
+def test_barrier_times_out_instead_of_hanging():
+    results = run_ranks(_one_rank_late, 2)
+    status, value = results[0]
+    assert status == "ok" and value[0] == "DistributedError" and value[1] < 5
+
+
+def _one_rank_dies(rank, world):
+    from ckptmgr import dist
+    if rank == 1:
+        os._exit(3)  # dies without a word, like kill -9
+    start = time.monotonic()
+    try:
+        dist.barrier(timeout=20)
+    except Exception as exc:
+        return type(exc).__name__, round(time.monotonic() - start, 1)
+    return "passed"
+
+
+def test_dead_rank_becomes_an_error():
+    results = run_ranks(_one_rank_dies, 2)
+    status, value = results[0]
+    assert status == "ok" and value[0] == "DistributedError" and value[1] <= 21
+    assert results[1][0] == "died"

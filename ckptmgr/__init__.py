@@ -2,6 +2,7 @@
 
 Public API only; see README.md for a tour.
 """
+from .cache import cached_path
 from .checkpoint import load_checkpoint, load_checkpoint_with_prefix, save_checkpoint
 from .dist import rank_zero_first
 from .errors import (CheckpointError, CheckpointExistsError, CheckpointFormatError, CheckpointNotFoundError,
@@ -18,7 +19,7 @@ __all__ = [
     "save_checkpoint", "load_checkpoint", "load_checkpoint_with_prefix",
     "load_state_dict", "get_state_dict", "weights_to_cpu", "LoadReport",
     "unwrap_model", "is_module_wrapper", "register_module_wrapper",
-    "CheckpointLoader", "rank_zero_first",
+    "CheckpointLoader", "rank_zero_first", "cached_path",
     "CheckpointError", "CheckpointNotFoundError", "CheckpointExistsError", "CorruptCheckpointError",
     "ChecksumError", "UnsafeCheckpointError", "KeyMismatchError", "CheckpointFormatError",
     "UnknownSchemeError", "MissingDependencyError", "StorageError", "DownloadError", "DistributedError",

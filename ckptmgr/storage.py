@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "split_protocol", "has_scheme", "get_fs", "is_local", "local_path", "atomic_write", "open_read",
     "exists", "isdir", "size", "listdir", "makedirs", "remove", "fsync_dir", "join",
+    "is_object_store", "list_files", "read_many", "make_dir", "rename_dir", "exchange_dirs",
 ]
 
 OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"}
@@ -48,8 +49,8 @@ def has_scheme(uri: str) -> bool:
 
 
 def _missing_backend(protocol: str, exc: Exception) -> MissingDependencyError:
-    import fsspec.registry
-    known = fsspec.registry.known_implementations.get(protocol, {})
+    from fsspec.registry import known_implementations  # (the attribute fsspec.registry is a mapping)
+    known = known_implementations.get(protocol, {})
     hint = known.get("err") or f"install the fsspec backend package for '{protocol}://'"
     return MissingDependencyError(f"no usable fsspec backend for '{protocol}://' ({exc})", hint)
 
@@ -288,3 +289,132 @@ def remove(uri: str, recursive: bool = False, storage_options: Optional[Dict[str
     fs, path = get_fs(uri, storage_options)
     with contextlib.suppress(FileNotFoundError):
         fs.rm(path, recursive=recursive)
+
+
+# --------------------------------------------------------------------------- directory commits
+# Helpers for CheckpointManager's commit protocol: a checkpoint is a directory,
+# written under a temporary name and renamed into place (local), or a prefix whose
+# manifest object is written last (object stores).
+
+
+def is_object_store(uri: str) -> bool:
+    """True for object stores (S3, GCS, Azure, ...): no directories, no rename, atomic single-object PUTs."""
+    return split_protocol(uri)[0] in OBJECT_STORES
+
+
+def list_files(uri: str, storage_options: Optional[Dict[str, Any]] = None) -> Dict[str, int]:
+    """Every file below ``uri``, recursively, as ``{relative/path: size}``; empty when ``uri`` does not exist."""
+    out: Dict[str, int] = {}
+    if is_local(uri):
+        root = local_path(uri)
+        for dirpath, _, names in os.walk(root):
+            rel = os.path.relpath(dirpath, root)
+            for name in names:
+                key = name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}"
+                with contextlib.suppress(FileNotFoundError):
+                    out[key] = os.path.getsize(os.path.join(dirpath, name))
+        return out
+    fs, path = get_fs(uri, storage_options)
+    path = path.rstrip("/")
+    fs.invalidate_cache(path)
+    try:
+        found = fs.find(path, detail=True)
+    except FileNotFoundError:
+        return out
+    for name, info in found.items():
+        name = name.rstrip("/")
+        if info.get("type", "file") == "file" and name.startswith(path + "/"):
+            out[name[len(path) + 1:]] = int(info.get("size") or 0)
+    return out
+
+
+def read_many(uris: List[str], storage_options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Read several small files at once (concurrently on object stores).
+
+    Returns:
+        ``{uri: bytes}``, or ``{uri: exception}`` for a file that could not be read
+        (``FileNotFoundError`` when it does not exist).
+    """
+    out: Dict[str, Any] = {}
+    remote: Dict[str, str] = {}
+    for uri in uris:
+        if is_local(uri):
+            try:
+                with open(local_path(uri), "rb") as fh:
+                    out[uri] = fh.read()
+            except OSError as exc:
+                out[uri] = exc
+        else:
+            remote[get_fs(uri, storage_options)[1]] = uri
+    if remote:
+        fs, _ = get_fs(next(iter(remote.values())), storage_options)
+        try:
+            got = fs.cat(list(remote), on_error="return")
+        except Exception as exc:  # a whole-batch failure (network): report it for every file
+            got = {path: exc for path in remote}
+        if not isinstance(got, dict):  # a single path comes back as bare bytes
+            got = {next(iter(remote)): got}
+        for path, uri in remote.items():
+            out[uri] = got.get(path, FileNotFoundError(path))
+    return out
+
+
+def make_dir(uri: str) -> None:
+    """Create one new local directory (its parent must exist).
+
+    Raises:
+        StorageError: it exists already, or the OS refused.
+    """
+    try:
+        os.mkdir(local_path(uri))
+    except OSError as exc:
+        raise _storage_error(uri, exc) from exc
+
+
+def rename_dir(src: str, dst: str) -> None:
+    """Rename a local directory to a name that does not exist yet, then fsync the parent(s).
+
+    Raises:
+        StorageError: the rename failed (``dst`` exists and is not empty, permissions, ...).
+    """
+    src_p, dst_p = local_path(src), local_path(dst)
+    try:
+        os.rename(src_p, dst_p)
+    except OSError as exc:
+        raise _storage_error(dst, exc) from exc
+    for parent in {os.path.dirname(os.path.abspath(src_p)), os.path.dirname(os.path.abspath(dst_p))}:
+        fsync_dir(parent)
+
+
+_RENAME_EXCHANGE = 2  # from linux/fs.h
+
+
+def exchange_dirs(a: str, b: str) -> bool:
+    """Atomically swap two existing local paths (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Python has no binding for renameat2, so it is called through ctypes; every
+    other platform, and filesystems that refuse the flag, get False and the
+    caller falls back to two renames.
+
+    Returns:
+        True when the swap happened (and the parent directory was fsynced).
+
+    Raises:
+        StorageError: the kernel supports the call but it failed for another reason.
+    """
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        func = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    a_p, b_p = local_path(a), local_path(b)
+    rc = func(at_fdcwd, os.fsencode(a_p), at_fdcwd, os.fsencode(b_p), _RENAME_EXCHANGE)
+    if rc != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            return False
+        raise _storage_error(b, OSError(err, os.strerror(err), b_p))
+    fsync_dir(os.path.dirname(os.path.abspath(b_p)))
+    return True

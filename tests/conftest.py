@@ -82,3 +82,16 @@ def s3(moto_server, monkeypatch):
     fs.mkdir(bucket)
     yield f"s3://{bucket}"
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def http_server(monkeypatch):
+    """A real HTTP file server on 127.0.0.1 (see tests/httpserver.py); downloads back off fast."""
+    from tests.httpserver import FileServer
+    monkeypatch.setenv("CKPTMGR_DOWNLOAD_BACKOFF", "0.01")
+    monkeypatch.delenv("CKPTMGR_DOWNLOAD_RETRIES", raising=False)
+    monkeypatch.delenv("CKPTMGR_DOWNLOAD_TIMEOUT", raising=False)
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)  # 127.0.0.1 must be reached directly
+    with FileServer() as server:
+        yield server

@@ -16,8 +16,10 @@ __all__ = ["load_from_fsspec", "fsspec_knows"]
 
 def fsspec_knows(protocol: str) -> bool:
     """True when fsspec has an implementation (installed or not) for ``protocol``."""
-    import fsspec.registry
-    return protocol in fsspec.registry.known_implementations or protocol in fsspec.registry.registry
+    # ``fsspec.registry`` the attribute is the mapping of loaded classes, shadowing the submodule:
+    # import the names from the submodule explicitly.
+    from fsspec.registry import known_implementations, registry
+    return protocol in known_implementations or protocol in registry
 
 
 def load_from_fsspec(filename: str, map_location: MapLocation = None, trust_pickle: bool = False,

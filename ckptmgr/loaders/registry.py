@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
+import threading
 from typing import Any, Callable, Dict, Iterable, Optional, Union
 
 from ..errors import UnknownSchemeError
 from ..storage import split_protocol
+
+_LOCK = threading.RLock()
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +48,14 @@ class CheckpointLoader:
     def _ensure_builtins(cls) -> None:
         # Built-in schemes are registered on first use so importing ckptmgr stays cheap;
         # they never replace a prefix a user registered first.
-        if not cls._builtins_loaded:
-            cls._builtins_loaded = True
-            from . import builtin
-            for prefix, loader in builtin.BUILTIN_SCHEMES.items():
-                cls._schemes.setdefault(prefix, loader)
+        if cls._builtins_loaded:
+            return
+        with _LOCK:
+            if not cls._builtins_loaded:
+                from . import builtin
+                for prefix, loader in builtin.BUILTIN_SCHEMES.items():
+                    cls._schemes.setdefault(prefix, loader)
+                cls._builtins_loaded = True
 
     @classmethod
     def _register(cls, prefixes: Union[str, Iterable[str]], loader: Loader, force: bool) -> None:
@@ -60,12 +67,13 @@ class CheckpointLoader:
         if not callable(loader):
             raise TypeError(f"loader must be callable, got {loader!r}")
         cls._ensure_builtins()
-        for prefix in prefixes:
-            if prefix in cls._schemes and not force:
-                raise KeyError(f"{prefix} is already registered as a loader backend, "
-                               'add "force=True" if you want to override it')
-        for prefix in prefixes:
-            cls._schemes[prefix] = loader
+        with _LOCK:  # all or nothing: check every prefix before registering any
+            for prefix in prefixes:
+                if prefix in cls._schemes and not force:
+                    raise KeyError(f"{prefix} is already registered as a loader backend, "
+                                   'add "force=True" if you want to override it')
+            for prefix in prefixes:
+                cls._schemes[prefix] = loader
 
     @classmethod
     def register_scheme(cls, prefixes: Union[str, Iterable[str]], loader: Optional[Loader] = None,
@@ -110,30 +118,48 @@ class CheckpointLoader:
     @classmethod
     def restore(cls, snapshot: Dict[str, Loader]) -> None:
         """Put back a registry captured by :meth:`snapshot`."""
-        cls._schemes.clear()
-        cls._schemes.update(snapshot)
+        with _LOCK:
+            cls._schemes.clear()
+            cls._schemes.update(snapshot)
+            cls._builtins_loaded = True  # a snapshot always includes the built-ins
 
     @classmethod
     def get_loader(cls, filename: str) -> Loader:
         """Return the loader for ``filename``.
+
+        The longest registered prefix that ``filename`` starts with wins (the
+        ``scheme://`` part compares case-insensitively). Without a match, plain
+        paths and ``file://`` go to the local loader and protocols fsspec knows
+        to the fsspec loader (which raises MissingDependencyError, naming the
+        package, when that protocol's backend is not installed).
+
+        Args:
+            filename: A path (str or PathLike) or URL.
+
+        Returns:
+            The loader callable.
 
         Raises:
             UnknownSchemeError: ``filename`` has a ``scheme://`` that nothing handles.
         """
         cls._ensure_builtins()
         from . import builtin
-        filename = str(filename)
-        for prefix in sorted(cls._schemes, key=len, reverse=True):
-            if filename.startswith(prefix):
-                return cls._schemes[prefix]
-        protocol, _ = split_protocol(filename)
+        filename = os.fspath(filename) if isinstance(filename, os.PathLike) else str(filename)
+        protocol, rest = split_protocol(filename)
+        normalized = f"{protocol}://{rest}" if protocol is not None else filename
+        with _LOCK:
+            table = dict(cls._schemes)
+        for prefix in sorted(table, key=len, reverse=True):
+            if filename.startswith(prefix) or normalized.startswith(prefix):
+                return table[prefix]
         if protocol is None or protocol == "file":
             return builtin.load_from_local
         if builtin.fsspec_knows(protocol):
             return builtin.load_from_fsspec
-        known = ", ".join(sorted(cls._schemes)) or "(none)"
+        known = ", ".join(sorted(table)) or "(none)"
         raise UnknownSchemeError(
-            f"no checkpoint loader for '{protocol}://' in {filename!r}; registered prefixes: {known}")
+            f"no checkpoint loader for '{protocol}://' in {filename!r} (it is not a local path either); "
+            f"registered prefixes: {known}")
 
     @classmethod
     def load_checkpoint(cls, filename: str, map_location: Any = None, logger: Any = None, **kwargs: Any) -> Any:
@@ -148,7 +174,12 @@ class CheckpointLoader:
 
         Returns:
             The checkpoint the loader returned.
+
+        Raises:
+            UnknownSchemeError: no loader handles ``filename``.
+            CheckpointError: whatever the loader raises (not found, corrupt, unsafe, ...).
         """
+        filename = os.fspath(filename) if isinstance(filename, os.PathLike) else str(filename)
         loader = cls.get_loader(filename)
         log = logger if isinstance(logger, logging.Logger) else globals()["logger"]
         if logger != "silent":

@@ -1,0 +1,33 @@
+"""Loader for ``http://`` and ``https://`` URLs: download once into the cache, then load the file."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from ..cache import cached_path
+from ..serialization import MapLocation
+from .local import load_file
+
+__all__ = ["load_from_http"]
+
+
+def load_from_http(filename: str, map_location: MapLocation = None, trust_pickle: bool = False,
+                   check_hash: bool = True, timeout: Optional[float] = None,
+                   progress: Optional[bool] = None) -> Any:
+    """Load a checkpoint from an HTTP(S) URL through the download cache.
+
+    Args:
+        filename: The URL (rewritten by ``CKPTMGR_URL_MIRRORS`` before download).
+        map_location: As for ``torch.load``.
+        trust_pickle: Allow arbitrary pickle (only for files from a trusted source).
+        check_hash: Verify a torch.hub-style hash in the file name (see :func:`ckptmgr.cached_path`).
+        timeout: Seconds each network operation may block.
+        progress: Force the progress bar on or off.
+
+    Returns:
+        What ``torch.load(weights_only=True)`` (or the safetensors reader) returns.
+
+    Raises:
+        CheckpointNotFoundError, DownloadError, ChecksumError: see :func:`ckptmgr.cached_path`.
+    """
+    path = cached_path(filename, check_hash=check_hash, timeout=timeout, progress=progress)
+    return load_file(path, map_location=map_location, trust_pickle=trust_pickle)

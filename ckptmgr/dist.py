@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "is_distributed", "get_rank", "get_world_size", "get_local_rank",
     "is_rank_zero", "default_timeout", "barrier", "all_agree",
-    "broadcast_json", "all_gather_json", "rank_zero_first",
+    "broadcast_json", "all_gather_json", "rank_zero_first", "new_control_group",
 ]
 
 _CONTROL_GROUPS: dict = {}
@@ -103,24 +103,41 @@ def _wait(work: Any, timeout: Optional[float], what: str) -> None:
         raise DistributedError(f"{what} failed: {exc}") from exc
 
 
-def _all_reduce(tensor: torch.Tensor, op: Any, timeout: Optional[float], what: str) -> torch.Tensor:
-    work = dist.all_reduce(tensor, op=op, group=_control_group(), async_op=True)
+def _group(group: Optional[Any]) -> Optional[Any]:
+    return group if group is not None else _control_group()
+
+
+def new_control_group() -> Any:
+    """Create a private gloo group over all ranks (collective: every rank must call it, in the same order).
+
+    Background threads use such a group so their collectives never interleave
+    with the training loop's collectives on the default group.
+    """
+    if not is_distributed():
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def _all_reduce(tensor: torch.Tensor, op: Any, timeout: Optional[float], what: str,
+                group: Optional[Any] = None) -> torch.Tensor:
+    work = dist.all_reduce(tensor, op=op, group=_group(group), async_op=True)
     _wait(work, timeout, what)
     return tensor
 
 
-def barrier(timeout: Optional[float] = None, what: str = "barrier") -> None:
+def barrier(timeout: Optional[float] = None, what: str = "barrier", group: Optional[Any] = None) -> None:
     """Block until every rank arrives, or raise DistributedError after ``timeout`` seconds."""
     if is_distributed() and get_world_size() > 1:
-        _all_reduce(torch.zeros(1, dtype=torch.int32), dist.ReduceOp.SUM, timeout, what)
+        _all_reduce(torch.zeros(1, dtype=torch.int32), dist.ReduceOp.SUM, timeout, what, group)
 
 
-def all_agree(ok: bool, timeout: Optional[float] = None, what: str = "agreement") -> bool:
+def all_agree(ok: bool, timeout: Optional[float] = None, what: str = "agreement",
+              group: Optional[Any] = None) -> bool:
     """Return True only when ``ok`` is True on every rank."""
     if not (is_distributed() and get_world_size() > 1):
         return bool(ok)
     flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
-    return bool(_all_reduce(flag, dist.ReduceOp.MIN, timeout, what).item())
+    return bool(_all_reduce(flag, dist.ReduceOp.MIN, timeout, what, group).item())
 
 
 def _encode(obj: Any) -> torch.Tensor:
@@ -129,11 +146,11 @@ def _encode(obj: Any) -> torch.Tensor:
 
 
 def broadcast_json(obj: Any = None, src: int = 0, timeout: Optional[float] = None,
-                   what: str = "broadcast") -> Any:
+                   what: str = "broadcast", group: Optional[Any] = None) -> Any:
     """Send a JSON-serialisable value from ``src`` to every rank and return it everywhere."""
     if not (is_distributed() and get_world_size() > 1):
         return obj
-    group = _control_group()
+    group = _group(group)
     payload = _encode(obj) if get_rank() == src else None
     size = torch.tensor([payload.numel() if payload is not None else 0], dtype=torch.int64)
     _wait(dist.broadcast(size, src=src, group=group, async_op=True), timeout, what)
@@ -142,11 +159,12 @@ def broadcast_json(obj: Any = None, src: int = 0, timeout: Optional[float] = Non
     return json.loads(bytes(buf.numpy()).decode("utf-8"))
 
 
-def all_gather_json(obj: Any, timeout: Optional[float] = None, what: str = "all_gather") -> List[Any]:
+def all_gather_json(obj: Any, timeout: Optional[float] = None, what: str = "all_gather",
+                    group: Optional[Any] = None) -> List[Any]:
     """Gather one JSON-serialisable value from every rank, in rank order."""
     if not (is_distributed() and get_world_size() > 1):
         return [obj]
-    group = _control_group()
+    group = _group(group)
     world = get_world_size()
     payload = _encode(obj)
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]

@@ -10,6 +10,7 @@ from .errors import (CheckpointError, CheckpointExistsError, CheckpointFormatErr
                      MissingDependencyError, StorageError, UnknownSchemeError, UnsafeCheckpointError,
                      UnserializableStateError)
 from .loaders.registry import CheckpointLoader
+from .manager import CheckpointManager, RestoredCheckpoint, resume_from_latest
 from .modules import (LoadReport, get_state_dict, is_module_wrapper, load_state_dict, register_module_wrapper,
                       unwrap_model, weights_to_cpu)
 from .version import __version__
@@ -19,7 +20,8 @@ __all__ = [
     "save_checkpoint", "load_checkpoint", "load_checkpoint_with_prefix",
     "load_state_dict", "get_state_dict", "weights_to_cpu", "LoadReport",
     "unwrap_model", "is_module_wrapper", "register_module_wrapper",
-    "CheckpointLoader", "rank_zero_first", "cached_path",
+    "CheckpointLoader", "rank_zero_first",
+    "CheckpointManager", "RestoredCheckpoint", "resume_from_latest", "cached_path",
     "CheckpointError", "CheckpointNotFoundError", "CheckpointExistsError", "CorruptCheckpointError",
     "ChecksumError", "UnsafeCheckpointError", "KeyMismatchError", "CheckpointFormatError",
     "UnknownSchemeError", "MissingDependencyError", "StorageError", "DownloadError", "DistributedError",

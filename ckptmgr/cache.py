@@ -26,7 +26,8 @@ import urllib.parse
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import dist, storage
-from .errors import ChecksumError, CheckpointNotFoundError, DownloadError, UnknownSchemeError
+from .errors import (CheckpointError, CheckpointNotFoundError, ChecksumError, DownloadError,
+                     UnknownSchemeError)
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +196,10 @@ def _download(uri: str, target: str, *, check_hash: bool, timeout: Optional[floa
     directory, name = os.path.split(target)
     if progress is None:
         progress = dist.get_rank() == 0 and sys.stderr.isatty()
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=directory)
+    except OSError as exc:
+        raise storage._storage_error(target, exc) from exc
     try:
         with os.fdopen(fd, "w+b") as fh:
             os.fchmod(fh.fileno(), 0o666 & ~storage._current_umask())  # mkstemp makes 0600; caches are shared
@@ -212,21 +216,27 @@ def _download(uri: str, target: str, *, check_hash: bool, timeout: Optional[floa
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):  # disk full, permissions
+            raise storage._storage_error(target, exc) from exc
         raise
     storage.fsync_dir(directory)
     logger.debug("cached %s (%d bytes, sha256 %s) as %s", uri, size, digest, target)
 
 
 def _copy_fsspec(uri: str, fh: Any, storage_options: Optional[Dict[str, Any]]) -> Tuple[int, str]:
+    """Stream an fsspec object into ``fh``; returns ``(size, sha256)``. fsspec backends retry on their own."""
     sha = hashlib.sha256()
     done = 0
     with storage.open_read(uri, storage_options) as src:
         expected = getattr(src, "size", None)
         while True:
-            chunk = src.read(1 << 20)
+            try:
+                chunk = src.read(1 << 20)
+            except OSError as exc:  # network or permission trouble on the remote side, not our disk
+                raise DownloadError(f"reading {uri} failed after {done} bytes: {exc}") from exc
             if not chunk:
                 break
             fh.write(chunk)

@@ -137,7 +137,9 @@ def _is_transient(exc: BaseException) -> bool:
         exc = exc.reason if isinstance(exc.reason, BaseException) else exc
         if isinstance(exc, urllib.error.URLError):
             return False
-    if isinstance(exc, (ssl.SSLCertVerificationError, socket.gaierror, ConnectionRefusedError)):
+    if isinstance(exc, socket.gaierror):
+        return exc.errno == socket.EAI_AGAIN  # "temporary failure in name resolution" is worth a retry
+    if isinstance(exc, (ssl.SSLCertVerificationError, ConnectionRefusedError)):
         return False
     return isinstance(exc, (TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException,
                             ssl.SSLError, OSError))

@@ -121,10 +121,10 @@ class Manifest:
         }
 
     def to_bytes(self) -> bytes:
-        """Serialise, with a sha256 of the canonical body so any flipped byte is detected."""
+        """Serialise, with a sha256 of the canonical body so any changed byte is detected."""
         body = self._body()
         body["manifest_sha256"] = _digest(body)
-        return json.dumps(body, indent=1, sort_keys=True, allow_nan=False).encode("utf-8") + b"\n"
+        return _render(body)
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "manifest") -> "Manifest":
@@ -140,6 +140,8 @@ class Manifest:
             raise CorruptCheckpointError(f"{source} is not valid JSON ({exc}); the checkpoint is damaged") from exc
         if not isinstance(body, dict) or body.get("format") != FORMAT:
             raise CorruptCheckpointError(f"{source} is not a ckptmgr manifest")
+        if _render(body) != data:  # even whitespace: a manifest is exactly what to_bytes() wrote
+            raise ChecksumError(f"{source} differs from the bytes ckptmgr wrote; the checkpoint is damaged")
         recorded = body.pop("manifest_sha256", None)
         if recorded != _digest(body):
             raise ChecksumError(f"{source} does not match its own checksum; the checkpoint is damaged")
@@ -168,6 +170,10 @@ class Manifest:
         """The RNG file written by ``rank``, or None."""
         table = self.components.get("rng") or {}
         return table.get(str(rank)) if isinstance(table, dict) else None
+
+
+def _render(body: Mapping[str, Any]) -> bytes:
+    return json.dumps(body, indent=1, sort_keys=True, allow_nan=False).encode("utf-8") + b"\n"
 
 
 def _digest(body: Mapping[str, Any]) -> str:

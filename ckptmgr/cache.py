@@ -96,6 +96,13 @@ def cache_filename(uri: str, check_hash: bool = True) -> str:
     Any other name gets a short hash of the full URL before its extension
     (``model.3f2a9c1b0d.pth``), so different URLs never collide while the hub
     hash, if any, stays readable in the name.
+
+    Args:
+        uri: The original URL (before ``CKPTMGR_URL_MIRRORS``).
+        check_hash: Whether the download will be checked against a hub hash.
+
+    Returns:
+        A file name safe to use in the cache directory.
     """
     path = urllib.parse.urlsplit(uri).path if storage.has_scheme(uri) else uri
     base = _UNSAFE_CHARS.sub("_", path.rstrip("/").rsplit("/", 1)[-1]).lstrip(".")[:150] or "download"

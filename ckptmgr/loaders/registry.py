@@ -77,7 +77,7 @@ class CheckpointLoader:
 
     @classmethod
     def register_scheme(cls, prefixes: Union[str, Iterable[str]], loader: Optional[Loader] = None,
-                        force: bool = False):
+                        force: bool = False) -> Loader:
         """Register ``loader`` for one prefix or several.
 
         Works as a call, ``register_scheme('myfs://', load_fn)``, and as a

@@ -80,6 +80,9 @@ def resolve_torchvision(name: str) -> str:
             default weights when it has no such entry) or an explicit enum name
             (``'ResNet50_Weights.IMAGENET1K_V2'``).
 
+    Returns:
+        The URL torchvision downloads those weights from.
+
     Raises:
         CheckpointNotFoundError: torchvision knows no such name; lists close matches.
     """
@@ -107,6 +110,9 @@ def load_from_torchvision(filename: str, map_location: MapLocation = None, trust
         map_location: As for ``torch.load``.
         trust_pickle: Allow arbitrary pickle (torchvision weights never need it).
         check_hash: Verify the hash in the weights file name (False for a mirror serving other bytes).
+
+    Returns:
+        The state dict torchvision publishes.
 
     Raises:
         CheckpointNotFoundError: unknown name, with close matches.
@@ -147,7 +153,11 @@ def _bundled(filename: str) -> Dict[str, str]:
 
 
 def zoo_table(scheme: str) -> Dict[str, str]:
-    """The name table of ``'open-mmlab'`` or ``'mmcls'``: bundled entries updated by the user's file."""
+    """The name table of ``'open-mmlab'`` or ``'mmcls'``: bundled entries updated by the user's file.
+
+    Raises:
+        CheckpointFormatError: the user's table is not a JSON object of strings.
+    """
     table_file, _ = _TABLES[scheme]
     table = dict(_bundled(table_file))
     table.update(_read_table(os.path.join(ckptmgr_home(), table_file)))
@@ -159,6 +169,13 @@ def resolve_zoo_name(scheme: str, name: str) -> str:
 
     A deprecated name warns (``DeprecationWarning``) and resolves as its
     replacement. A table value that is not a URL is a path relative to ``CKPTMGR_HOME``.
+
+    Args:
+        scheme: ``'open-mmlab'`` or ``'mmcls'``.
+        name: The part after ``scheme://``.
+
+    Returns:
+        A URL, or an absolute local path.
 
     Raises:
         CheckpointNotFoundError: the name is in no table; lists close matches.
@@ -195,6 +212,9 @@ def load_from_openmmlab(filename: str, map_location: MapLocation = None, trust_p
         trust_pickle: Allow arbitrary pickle (needed by some old OpenMMLab files).
         check_hash: Verify the hash in the file name (False for a mirror serving other bytes).
 
+    Returns:
+        The checkpoint, as stored.
+
     Raises:
         CheckpointNotFoundError: unknown name, with close matches.
     """
@@ -206,6 +226,12 @@ def load_from_openmmlab(filename: str, map_location: MapLocation = None, trust_p
 def load_from_mmcls(filename: str, map_location: MapLocation = None, trust_pickle: bool = False,
                     check_hash: bool = True) -> Any:
     """Load the backbone of an ``mmcls://NAME`` classifier.
+
+    Args:
+        filename: The zoo URI.
+        map_location: As for ``torch.load``.
+        trust_pickle: Allow arbitrary pickle (only for files from a trusted source).
+        check_hash: Verify the hash in the file name (False for a mirror serving other bytes).
 
     Returns:
         ``{'state_dict': ...}`` holding only the ``backbone.*`` weights, prefix removed.

@@ -1,4 +1,8 @@
-"""Four gloo ranks sharing one CKPTMGR_HOME download an http checkpoint exactly once."""
+"""Processes sharing one CKPTMGR_HOME download an http checkpoint exactly once.
+
+Four gloo ranks (local rank 0 first, then the rest read the cache), and plain
+processes outside torch.distributed (the cache's file lock).
+"""
 import datetime
 import io
 import json
@@ -35,11 +39,27 @@ def _worker(rank, rendezvous, home, url, missing_url, out_dir):
         dist.destroy_process_group()
 
 
-def _run(tmp_path, tag, *args):
+def _plain_worker(index, home, url, nprocs, out_dir):
+    os.environ["CKPTMGR_HOME"] = home
+    import ckptmgr
+    open(os.path.join(out_dir, f"ready-{index}"), "w").close()  # a file barrier: start asking together
+    deadline = time.monotonic() + 60
+    while sum(name.startswith("ready-") for name in os.listdir(out_dir)) < nprocs:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the other processes never got ready")
+        time.sleep(0.01)
+    with open(ckptmgr.cached_path(url), "rb") as fh:
+        size = len(fh.read())
+    with open(os.path.join(out_dir, f"{index}.json"), "w") as fh:
+        json.dump({"size": size}, fh)
+
+
+def _run(tmp_path, tag, *args, worker=_worker, nprocs=WORLD):
     out_dir = tmp_path / f"out-{tag}"
     out_dir.mkdir()
-    rendezvous = tmp_path / f"rendezvous-{tag}"
-    context = mp.start_processes(_worker, args=(str(rendezvous), *args, str(out_dir)), nprocs=WORLD,
+    if worker is _worker:
+        args = (str(tmp_path / f"rendezvous-{tag}"), *args)
+    context = mp.start_processes(worker, args=(*args, str(out_dir)), nprocs=nprocs,
                                  join=False, start_method="spawn")
     deadline = time.monotonic() + JOIN_TIMEOUT
     try:
@@ -50,7 +70,7 @@ def _run(tmp_path, tag, *args):
         for process in context.processes:
             if process.is_alive():
                 process.kill()
-    return [json.loads((out_dir / f"{rank}.json").read_text()) for rank in range(WORLD)]
+    return [json.loads((out_dir / f"{rank}.json").read_text()) for rank in range(nprocs)]
 
 
 @pytest.mark.timeout(300)
@@ -72,3 +92,13 @@ def test_one_download_per_node_and_rank0_failure_reaches_everyone(http_server, t
     second = _run(tmp_path, "second", home, url, "")
     assert http_server.gets("/dist/model.pth") == 1  # the second run read the cache: no new GET
     assert [r["sum"] for r in second] == [45.0] * WORLD
+
+
+@pytest.mark.timeout(300)
+def test_processes_outside_torch_distributed_share_one_download(http_server, tmp_path):
+    data = os.urandom(256 * 1024)
+    # All three ask at once (a file barrier); the delay keeps the first GET open while the others wait.
+    url = http_server.add("/plain/blob.bin", data, delay=0.5)
+    results = _run(tmp_path, "plain", os.environ["CKPTMGR_HOME"], url, 3, worker=_plain_worker, nprocs=3)
+    assert [r["size"] for r in results] == [len(data)] * 3
+    assert http_server.gets("/plain/blob.bin") == 1

@@ -1,0 +1,84 @@
+"""The crash test's saver, and a zygote that forks savers fast.
+
+Starting Python and importing torch takes seconds; the crash test needs
+dozens of processes to kill. So one zygote process imports everything once
+(and runs no torch ops, so forking it is safe), then forks a saver per request:
+
+    stdin  <- {"directory": ..., "log": ..., "mode": "steps"|"force", "value": N}
+    stdout -> PID          (the saver's pid; the test kills it with SIGKILL)
+    stdin  <- "wait PID"
+    stdout -> "reaped PID"  (the saver is gone; the directory will not change any more)
+
+Each saver appends "begin V" before and "end V" after every save to its log,
+with single O_APPEND writes, so the log says what was in flight when it died.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+from torch import nn
+
+import ckptmgr  # noqa: F401  (imported once here, before forking)
+
+
+def weights_value(model: nn.Module) -> float:
+    return float(model.weight.detach().flatten()[0])
+
+
+def make_model() -> nn.Module:
+    return nn.Linear(128, 128)
+
+
+def save_forever(directory: str, log: str, mode: str, value: int) -> None:
+    """Save checkpoints until killed: new steps (max_to_keep=3), or step 1 again and again with force."""
+    from ckptmgr import CheckpointManager
+    torch.set_num_threads(1)
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    mgr = CheckpointManager(directory, max_to_keep=3)
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 128)).sum().backward()
+    opt.step()
+    step = (mgr.latest_step() or 0) + 1 if mode == "steps" else 1
+    if mode == "steps":
+        value = step
+    while True:
+        with torch.no_grad():
+            model.weight.fill_(value)
+            model.bias.fill_(-value)
+        os.write(fd, f"begin {value}\n".encode())
+        mgr.save(step, model=model, optimizer=opt, extra={"value": value}, force=mode == "force")
+        os.write(fd, f"end {value}\n".encode())
+        value += 1
+        if mode == "steps":
+            step = value
+
+
+def zygote() -> None:
+    torch.set_num_threads(1)  # no intra-op thread pool in the zygote: forking it stays safe
+    model = make_model()      # optimizers import more of torch on first construction; do it once here
+    torch.optim.Adam(model.parameters())
+    for line in sys.stdin:
+        if line.startswith("wait "):
+            pid = int(line.split()[1])
+            os.waitpid(pid, 0)
+            print(f"reaped {pid}", flush=True)
+            continue
+        job = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                save_forever(job["directory"], job["log"], job["mode"], job["value"])
+            except BaseException as exc:  # report, never fall back into the zygote's loop
+                with open(job["log"], "a") as fh:
+                    fh.write(f"error {type(exc).__name__}: {exc}\n")
+            finally:
+                os._exit(1)
+        print(pid, flush=True)
+
+
+if __name__ == "__main__":
+    zygote()

@@ -111,7 +111,7 @@ def load_checkpoint(model: nn.Module, filename: str, map_location: MapLocation =
                     logger: LoggerLike = None,
                     revise_keys: Iterable[Tuple[str, str]] = ((r"^module\.", ""),), *,
                     trust_pickle: bool = False,
-                    storage_options: Optional[Dict[str, Any]] = None) -> Any:
+                    storage_options: Optional[Dict[str, Any]] = None, **loader_kwargs: Any) -> Any:
     """Load a checkpoint from a path or URL into ``model``.
 
     Args:
@@ -126,6 +126,8 @@ def load_checkpoint(model: nn.Module, filename: str, map_location: MapLocation =
             (default strips a DDP ``module.`` prefix).
         trust_pickle: Allow arbitrary pickle code (only for trusted files).
         storage_options: fsspec options for URLs.
+        **loader_kwargs: Options for the scheme's loader, passed on when it accepts
+            them (e.g. ``check_hash=False`` for http and zoo URLs).
 
     Returns:
         The loaded checkpoint (usually a dict).
@@ -136,20 +138,20 @@ def load_checkpoint(model: nn.Module, filename: str, map_location: MapLocation =
         UnsafeCheckpointError: the file needs pickle and ``trust_pickle`` is False.
     """
     checkpoint = CheckpointLoader.load_checkpoint(filename, map_location, logger, trust_pickle=trust_pickle,
-                                                  storage_options=storage_options)
+                                                  storage_options=storage_options, **loader_kwargs)
     state_dict = _revise_keys(extract_state_dict(checkpoint, str(filename)), revise_keys)
     load_state_dict(model, state_dict, strict=strict, logger=logger)
     return checkpoint
 
 
 def load_checkpoint_with_prefix(prefix: str, filename: str, map_location: MapLocation = None, *,
-                                trust_pickle: bool = False,
-                                storage_options: Optional[Dict[str, Any]] = None) -> "OrderedDict[str, Any]":
+                                trust_pickle: bool = False, storage_options: Optional[Dict[str, Any]] = None,
+                                **loader_kwargs: Any) -> "OrderedDict[str, Any]":
     """Return the part of a checkpoint's state dict under ``prefix`` (the prefix removed).
 
     Raises:
         CheckpointFormatError: no key has the prefix; the message lists the top-level prefixes.
     """
     checkpoint = CheckpointLoader.load_checkpoint(filename, map_location, trust_pickle=trust_pickle,
-                                                  storage_options=storage_options)
+                                                  storage_options=storage_options, **loader_kwargs)
     return select_prefix(extract_state_dict(checkpoint, str(filename)), prefix)

@@ -63,14 +63,25 @@ def get_fs(uri: str, storage_options: Optional[Dict[str, Any]] = None) -> Tuple[
     """
     import fsspec.core
     protocol, _ = split_protocol(uri)
+    options = dict(storage_options or {})
+    if protocol in ("s3", "s3a"):
+        _s3_endpoint_from_env(options)
     try:
-        return fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        return fsspec.core.url_to_fs(uri, **options)
     except ImportError as exc:
         raise _missing_backend(protocol or "file", exc) from exc
     except ValueError as exc:
         if "Protocol not known" in str(exc):
             raise _missing_backend(protocol or "file", exc) from exc
         raise
+
+
+def _s3_endpoint_from_env(options: Dict[str, Any]) -> None:
+    # botocore reads AWS_ENDPOINT_URL itself only from 1.31 on; pass it explicitly
+    # so the documented variable works with every botocore s3fs may bring along.
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and "endpoint_url" not in options and "endpoint_url" not in options.get("client_kwargs", {}):
+        options["endpoint_url"] = endpoint
 
 
 def is_local(uri: str) -> bool:

@@ -188,3 +188,10 @@ def test_mmcls_user_table_and_missing_backbone(mirror):
         load("mmcls://headonly")
     with pytest.raises(CheckpointNotFoundError, match="tiny"):
         load("mmcls://tinny")
+
+
+def test_functional_load_checkpoint_forwards_loader_options(mirror):
+    mirror(zoo.resolve_torchvision("resnet50"), {"weight": torch.full((2, 3), 4.0), "bias": torch.zeros(2)})
+    model = torch.nn.Linear(3, 2)
+    ckptmgr.load_checkpoint(model, "torchvision://resnet50", strict=True, check_hash=False)
+    assert torch.equal(model.weight.detach(), torch.full((2, 3), 4.0))

@@ -88,3 +88,10 @@ def test_uri_helpers():
     assert storage.split_protocol("/a/b") == (None, "/a/b")
     assert storage.is_local("file:///x") and storage.local_path("file:///x") == "/x"
     assert storage.join("s3://b/", "run", "/step/") == "s3://b/run/step"
+
+
+def test_s3_endpoint_comes_from_the_environment(s3, monkeypatch):
+    # storage passes AWS_ENDPOINT_URL to s3fs itself, so old botocore releases honour it too
+    fs, path = storage.get_fs(f"{s3}/x")
+    assert fs.client_kwargs.get("endpoint_url") == os.environ["AWS_ENDPOINT_URL"] or \
+        getattr(fs, "endpoint_url", None) == os.environ["AWS_ENDPOINT_URL"]

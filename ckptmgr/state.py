@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "as_named", "stateful", "named_state", "apply_named", "model_state", "apply_model",
-    "extra_state", "apply_extra", "plain", "rng_state", "apply_rng", "clean_metrics", "build_meta",
+    "extra_state", "apply_extra", "plain", "rng_state", "apply_rng", "clean_metrics", "build_meta", "apply_loaded",
 ]
 
 # --------------------------------------------------------------------------- named groups
@@ -298,3 +298,26 @@ def build_meta(user_meta: Optional[Mapping[str, Any]], step: int, world_size: in
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "unix_time": time.time(),
         "world_size": world_size, "user": user,
     }
+
+
+def apply_loaded(loaded: Mapping[str, Any], model: torch.nn.Module, optimizer: Any, scheduler: Any, scaler: Any,
+                 extra: Optional[Mapping[str, Any]], strict: bool) -> Dict[str, Any]:
+    """Apply what :func:`ckptmgr.components.read_step` read; RNG last. Returns the restored extra values.
+
+    Raises:
+        KeyMismatchError: ``strict`` and the model does not match.
+        CheckpointFormatError: an object passed has no saved state (``strict``) or other names.
+    """
+    weights, module_meta = loaded["model"]
+    apply_model(model, weights, module_meta, strict)
+    apply_named(optimizer, loaded["optimizer"], "optimizer", strict)
+    apply_named(scheduler, loaded["scheduler"], "scheduler", strict)
+    apply_named(scaler, loaded["scaler"], "scaler", strict)
+    values = apply_extra(extra, loaded["extra"])
+    if loaded["rng"] is not None:
+        apply_rng(loaded["rng"])
+    else:
+        manifest = loaded["manifest"]
+        logger.warning("step %d has no RNG state for this rank (saved with %d ranks); RNG not restored",
+                       manifest.step, manifest.world_size)
+    return values

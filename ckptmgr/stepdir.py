@@ -15,187 +15,25 @@ or invisible:
   a committed step writes the new data under ``step_N/rev-<id>/`` so the old
   manifest stays valid until the new one overwrites it in one PUT.
 
-Component files are JSON when they hold no tensors and safetensors (with the
-JSON structure in the header) when they do, so nothing here ever unpickles.
+What goes into the files is :mod:`ckptmgr.components`' business.
 """
 from __future__ import annotations
 
-import json
 import logging
 import uuid
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
-
-import torch
+from typing import Any, Dict, Iterable, List, Optional
 
 from . import storage
-from .errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError
-from .manifest import (MANIFEST_NAME, FileEntry, HashingReader, HashingWriter, Manifest, compare,
-                       is_temp_name, old_name, parse_old_name, step_name, temp_name)
-from .serialization import SKELETON_KEY, MapLocation, from_skeleton, read_safetensors, to_skeleton, write_safetensors
+from .components import probe
+from .errors import CheckpointExistsError, StorageError
+from .manifest import MANIFEST_NAME, Manifest, is_temp_name, old_name, parse_old_name, step_name, temp_name
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["WritePlan", "write_component", "write_model", "read_component", "read_model", "read_manifest",
-           "probe", "prepare", "commit", "abort", "delete_step", "clean_leftovers"]
+__all__ = ["WritePlan", "prepare", "commit", "abort", "delete_step", "clean_leftovers"]
 
-MODULE_META_KEY = "ckptmgr.module_metadata"
 Options = Optional[Dict[str, Any]]
-
-# --------------------------------------------------------------------------- component files
-
-
-def _write(uri: str, fill: Any, storage_options: Options) -> FileEntry:
-    with storage.atomic_write(uri, storage_options) as fh:
-        writer = HashingWriter(fh)
-        fill(writer)
-    return writer.entry()
-
-
-def write_component(dir_uri: str, base: str, obj: Any, storage_options: Options = None,
-                    prefix: str = "") -> Tuple[str, FileEntry]:
-    """Write ``obj`` as ``<base>.json`` (no tensors) or ``<base>.safetensors``.
-
-    Returns:
-        ``(name relative to the step directory, FileEntry)``.
-
-    Raises:
-        UnserializableStateError: ``obj`` holds something that needs pickle.
-    """
-    skeleton, tensors = to_skeleton(obj, path=base)
-    text = json.dumps(skeleton, allow_nan=False)
-    if tensors:
-        name = f"{prefix}{base}.safetensors"
-        entry = _write(storage.join(dir_uri, name),
-                       lambda w: write_safetensors(w, tensors, {SKELETON_KEY: text}), storage_options)
-    else:
-        name = f"{prefix}{base}.json"
-        entry = _write(storage.join(dir_uri, name), lambda w: w.write(text.encode("utf-8")), storage_options)
-    return name, entry
-
-
-def write_model(dir_uri: str, state: Mapping[str, Any], module_meta: Mapping[str, Any],
-                storage_options: Options = None, prefix: str = "") -> Tuple[str, FileEntry]:
-    """Write model weights as a plain safetensors file keyed like the bare model's state dict.
-
-    Any tool that reads safetensors can use the file. Non-tensor entries
-    (``get_extra_state``) are kept through a JSON skeleton in the header.
-    """
-    metadata = {"format": "pt", MODULE_META_KEY: json.dumps(module_meta)}
-    if all(isinstance(v, torch.Tensor) for v in state.values()):
-        tensors: Mapping[str, torch.Tensor] = state
-    else:
-        skeleton, tensors = to_skeleton(dict(state), path="model")
-        metadata[SKELETON_KEY] = json.dumps(skeleton, allow_nan=False)
-    name = f"{prefix}model.safetensors"
-    entry = _write(storage.join(dir_uri, name), lambda w: write_safetensors(w, tensors, metadata),
-                   storage_options)
-    return name, entry
-
-
-def _read(step_uri: str, manifest: Manifest, name: str, verify: bool, parse: Any,
-          storage_options: Options) -> Any:
-    """Open one file of the manifest, parse it while hashing, then compare size and sha256."""
-    source = step_uri
-    want = manifest.files.get(name)
-    if want is None:
-        raise CorruptCheckpointError(f"{source}: the manifest names {name} as a component but has no entry for it")
-
-    def check(got: FileEntry) -> None:
-        compare(name, got if verify else FileEntry(got.size, want.sha256), want, source)
-
-    try:
-        with storage.open_read(storage.join(step_uri, name), storage_options) as fh:
-            reader = HashingReader(fh, digest=verify)
-            try:
-                value = parse(reader, want.size)
-            except CorruptCheckpointError:
-                check(reader.finish())  # a checksum error explains the damage better
-                raise
-            check(reader.finish())
-    except FileNotFoundError as exc:
-        raise CorruptCheckpointError(f"{source}: {name} is listed in the manifest but missing") from exc
-    return value
-
-
-def _parse_json(reader: HashingReader, size: int) -> Any:
-    try:
-        return json.loads(reader.read().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(f"not valid JSON: {exc}") from exc
-
-
-def read_component(step_uri: str, manifest: Manifest, name: str, verify: bool = True,
-                   map_location: MapLocation = None, storage_options: Options = None) -> Any:
-    """Read a component file written by :func:`write_component`, checking it against the manifest.
-
-    Raises:
-        ChecksumError: size or sha256 differ from the manifest.
-        CorruptCheckpointError: the file is missing, malformed, or of an unknown kind.
-    """
-    if name.endswith(".json"):
-        return from_skeleton(_read(step_uri, manifest, name, verify, _parse_json, storage_options), {})
-    if not name.endswith(".safetensors"):
-        raise CorruptCheckpointError(f"{step_uri}: {name} is neither JSON nor safetensors; refusing to read it")
-
-    def parse(reader: HashingReader, size: int) -> Any:
-        tensors, metadata = read_safetensors(reader, size=size, map_location=map_location)
-        if SKELETON_KEY not in metadata:
-            return tensors
-        try:
-            skeleton = json.loads(metadata[SKELETON_KEY])
-        except json.JSONDecodeError as exc:
-            raise CorruptCheckpointError(f"{name}: structure metadata is not JSON") from exc
-        return from_skeleton(skeleton, tensors)
-    return _read(step_uri, manifest, name, verify, parse, storage_options)
-
-
-def read_model(step_uri: str, manifest: Manifest, verify: bool = True, map_location: MapLocation = None,
-               storage_options: Options = None) -> Tuple["OrderedDict[str, Any]", Dict[str, Any]]:
-    """Read the model weights and module metadata of a step.
-
-    Raises:
-        CorruptCheckpointError: no model in the manifest, or the file is damaged.
-    """
-    name = manifest.file_for("model")
-    if name is None or not name.endswith(".safetensors"):
-        raise CorruptCheckpointError(f"{step_uri}: the manifest names no model weights file")
-
-    def parse(reader: HashingReader, size: int) -> Any:
-        tensors, metadata = read_safetensors(reader, size=size, map_location=map_location)
-        try:
-            module_meta = json.loads(metadata.get(MODULE_META_KEY, "{}"))
-            state = from_skeleton(json.loads(metadata[SKELETON_KEY]), tensors) if SKELETON_KEY in metadata \
-                else tensors
-        except json.JSONDecodeError as exc:
-            raise CorruptCheckpointError(f"{name}: header metadata is not JSON") from exc
-        return OrderedDict(state), module_meta if isinstance(module_meta, dict) else {}
-    return _read(step_uri, manifest, name, verify, parse, storage_options)
-
-
-def read_manifest(step_uri: str, storage_options: Options = None) -> Manifest:
-    """Read and self-check the manifest of a step directory.
-
-    Raises:
-        CheckpointNotFoundError: there is no manifest (the step never committed).
-        CorruptCheckpointError: the manifest is damaged.
-    """
-    with storage.open_read(storage.join(step_uri, MANIFEST_NAME), storage_options) as fh:
-        data = fh.read()
-    return Manifest.from_bytes(data, source=storage.join(step_uri, MANIFEST_NAME))
-
-
-def probe(step_uri: str, storage_options: Options = None) -> str:
-    """``'committed'``, ``'damaged'`` (a manifest that does not check out) or ``'absent'``."""
-    try:
-        read_manifest(step_uri, storage_options)
-    except CheckpointNotFoundError:
-        return "absent"
-    except CorruptCheckpointError:
-        return "damaged"
-    return "committed"
-
 
 # --------------------------------------------------------------------------- commit protocol
 
@@ -256,7 +94,18 @@ def prepare(directory: str, step: int, force: bool, storage_options: Options = N
 
 
 def commit(plan: WritePlan, manifest: Manifest, storage_options: Options = None) -> None:
-    """Write the manifest last and make the step visible; then tidy what it replaced."""
+    """Check every file is there, write the manifest last and make the step visible; then tidy.
+
+    Raises:
+        StorageError: a file another rank wrote is not visible here (for a local
+            directory: it is not on a filesystem shared by every rank).
+    """
+    present = storage.list_files(plan.root, storage_options)
+    unseen = sorted(n for n, e in manifest.files.items() if present.get(n) != e.size)
+    if unseen:
+        raise StorageError(f"{', '.join(unseen)} written for step {manifest.step} are not visible in {plan.root}",
+                           "every rank must see the same directory: use a filesystem shared by all nodes "
+                           "or an object store URL")
     if plan.mode == "remote":
         with storage.atomic_write(storage.join(plan.final, MANIFEST_NAME), storage_options) as fh:
             fh.write(manifest.to_bytes())

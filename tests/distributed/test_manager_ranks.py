@@ -42,7 +42,7 @@ def _worker(rank, world, directory):
     import torch
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from ckptmgr import CheckpointManager, dist, state, stepdir, storage
+    from ckptmgr import CheckpointManager, components, dist, state, storage
     from tests.conftest import ConvNet
 
     torch.set_num_threads(1)
@@ -85,7 +85,7 @@ def _worker(rank, world, directory):
 
     def fail(*args, **kwargs):
         raise RuntimeError(f"injected failure on rank {rank}")
-    real_write = stepdir.write_component
+    real_write = components.write_component
 
     def fail_mid_write(dir_uri, base, obj, *args, **kwargs):
         if base.startswith("rng"):
@@ -95,7 +95,7 @@ def _worker(rank, world, directory):
     out["collect_failure"] = _attempt(lambda: mgr.save(2, model=model, optimizer=opt),
                                       (state, "rng_state", fail) if rank == 1 else None)
     out["write_failure"] = _attempt(lambda: mgr.save(3, model=model, optimizer=opt),
-                                    (stepdir, "write_component", fail_mid_write) if rank == 1 else None)
+                                    (components, "write_component", fail_mid_write) if rank == 1 else None)
     out["exists"] = _attempt(lambda: mgr.save(1, model=model))
     dist.barrier(timeout=30)
     out["steps_after_failures"] = mgr.all_steps()
@@ -165,14 +165,14 @@ def _rank_dies_mid_save(rank, world, directory):
 
     import torch
 
-    from ckptmgr import CheckpointManager, stepdir
+    from ckptmgr import CheckpointManager, components
     from tests.conftest import ConvNet
     mgr = CheckpointManager(directory)
     mgr.save(1, model=ConvNet())
     if rank == 1:
         def die(*args, **kwargs):
             os._exit(9)                       # like kill -9 while writing its RNG file
-        stepdir.write_component = die
+        components.write_component = die
     start = time.monotonic()
     try:
         mgr.save(2, model=ConvNet(), optimizer=torch.optim.SGD(ConvNet().parameters(), lr=0.1))

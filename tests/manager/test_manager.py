@@ -141,12 +141,12 @@ def test_listing_reads_each_manifest_once_per_manager(ckpt_dir, convnet):
     mgr = CheckpointManager(ckpt_dir, max_to_keep=None, best_metric="loss", keep_best=3)
     for step in range(1000, 1005):
         mgr.save(step, model=convnet, metrics={"loss": step})
-        assert mgr.manifest_reads == 1000
+        assert mgr.index.manifest_reads == 1000
     assert mgr.latest_step() == 1004 and mgr.best_step() == 0 and len(mgr.all_steps()) == 1005
-    assert mgr.manifest_reads == 1000
+    assert mgr.index.manifest_reads == 1000
     mgr2 = CheckpointManager(ckpt_dir, max_to_keep=5)
     mgr2.save(1005, model=convnet)
-    assert mgr2.all_steps() == [1001, 1002, 1003, 1004, 1005] and mgr2.manifest_reads == 1005
+    assert mgr2.all_steps() == [1001, 1002, 1003, 1004, 1005] and mgr2.index.manifest_reads == 1005
 
 
 def test_failed_save_commits_nothing_and_leaves_no_temp(ckpt_dir, convnet):
@@ -169,8 +169,8 @@ def test_failed_save_commits_nothing_and_leaves_no_temp(ckpt_dir, convnet):
 
 
 def test_write_failure_after_some_files_leaves_nothing(ckpt_dir, convnet, monkeypatch):
-    from ckptmgr import stepdir
-    real = stepdir.write_component
+    from ckptmgr import components
+    real = components.write_component
     calls = []
 
     def flaky(dir_uri, base, obj, *args, **kwargs):
@@ -178,7 +178,7 @@ def test_write_failure_after_some_files_leaves_nothing(ckpt_dir, convnet, monkey
         if base == "meta":
             raise OSError(28, "No space left on device")
         return real(dir_uri, base, obj, *args, **kwargs)
-    monkeypatch.setattr(stepdir, "write_component", flaky)
+    monkeypatch.setattr(components, "write_component", flaky)
     mgr = CheckpointManager(ckpt_dir)
     with pytest.raises(OSError, match="No space"):
         mgr.save(1, model=convnet, extra={"epoch": 1})

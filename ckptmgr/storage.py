@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "split_protocol", "has_scheme", "get_fs", "is_local", "local_path", "atomic_write", "open_read",
     "exists", "isdir", "size", "listdir", "makedirs", "remove", "fsync_dir", "join",
-    "is_object_store", "list_files", "read_many", "make_dir", "rename_dir", "exchange_dirs",
+    "list_files", "read_many", "make_dir", "rename_dir", "exchange_dirs",
 ]
 
 OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"}
@@ -306,11 +306,6 @@ def remove(uri: str, recursive: bool = False, storage_options: Optional[Dict[str
 # Helpers for CheckpointManager's commit protocol: a checkpoint is a directory,
 # written under a temporary name and renamed into place (local), or a prefix whose
 # manifest object is written last (object stores).
-
-
-def is_object_store(uri: str) -> bool:
-    """True for object stores (S3, GCS, Azure, ...): no directories, no rename, atomic single-object PUTs."""
-    return split_protocol(uri)[0] in OBJECT_STORES
 
 
 def list_files(uri: str, storage_options: Optional[Dict[str, Any]] = None) -> Dict[str, int]:

@@ -277,3 +277,16 @@ def test_manifest_format_is_self_checked():
     newer = Manifest(step=3, files={}, components={}, format_version=99)
     with pytest.raises(ckptmgr.CheckpointFormatError, match="upgrade"):
         Manifest.from_bytes(newer.to_bytes())
+
+
+def test_other_fsspec_filesystems_work_too(convnet):
+    import fsspec
+    url = "memory://ckptmgr-test-run"
+    mgr = CheckpointManager(url, max_to_keep=2)
+    for step in (1, 2, 3):
+        mgr.save(step, model=_fill(convnet, float(step)))
+    assert mgr.all_steps() == [2, 3]
+    fresh = ConvNet()
+    assert mgr.restore(model=fresh).step == 3 and _weights_value(fresh) == 3.0
+    assert ckptmgr.load_checkpoint(fresh, url + "/step_00000002")["step"] == 2
+    fsspec.filesystem("memory").rm("/ckptmgr-test-run", recursive=True)

@@ -268,3 +268,26 @@ def test_manifest_records_files_metrics_and_components(ckpt_dir, convnet):
     assert manifest["components"]["rng"] == {"0": "rng-rank00000.safetensors"}
     assert manifest["components"]["optimizer"] == "optimizer.safetensors"   # it holds tensors
     assert manifest["components"]["extra"] == "extra.json"                   # it does not
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_model_and_cuda_rng(ckpt_dir):
+    torch.manual_seed(0)
+    model = ConvNet().cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 3, 8, 8, device="cuda")).sum().backward()
+    opt.step()
+    torch.cuda.manual_seed(3)
+    mgr = CheckpointManager(ckpt_dir)
+    mgr.save(1, model=model, optimizer=opt)
+    expected = torch.rand(4, device="cuda")
+    torch.rand(10, device="cuda")
+    fresh = ConvNet().cuda()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    mgr.restore(model=fresh, optimizer=fresh_opt, map_location="cuda")
+    assert torch.equal(torch.rand(4, device="cuda"), expected)
+    assert_same(model.state_dict(), fresh.state_dict())
+    assert_same(opt.state_dict(), fresh_opt.state_dict())
+    cpu = ConvNet()
+    mgr.restore(model=cpu, map_location="cpu")
+    assert_same({k: v.cpu() for k, v in model.state_dict().items()}, cpu.state_dict())

@@ -9,6 +9,7 @@ from .errors import (CheckpointError, CheckpointExistsError, CheckpointFormatErr
                      ChecksumError, CorruptCheckpointError, DistributedError, DownloadError, KeyMismatchError,
                      MissingDependencyError, StorageError, UnknownSchemeError, UnsafeCheckpointError,
                      UnserializableStateError)
+from .hooks import CheckpointHook
 from .loaders.registry import CheckpointLoader
 from .manager import CheckpointManager, RestoredCheckpoint, resume_from_latest
 from .modules import (LoadReport, get_state_dict, is_module_wrapper, load_state_dict, register_module_wrapper,
@@ -21,7 +22,7 @@ __all__ = [
     "load_state_dict", "get_state_dict", "weights_to_cpu", "LoadReport",
     "unwrap_model", "is_module_wrapper", "register_module_wrapper",
     "CheckpointLoader", "rank_zero_first",
-    "CheckpointManager", "RestoredCheckpoint", "resume_from_latest", "cached_path",
+    "CheckpointManager", "RestoredCheckpoint", "resume_from_latest", "cached_path", "CheckpointHook",
     "CheckpointError", "CheckpointNotFoundError", "CheckpointExistsError", "CorruptCheckpointError",
     "ChecksumError", "UnsafeCheckpointError", "KeyMismatchError", "CheckpointFormatError",
     "UnknownSchemeError", "MissingDependencyError", "StorageError", "DownloadError", "DistributedError",

@@ -35,7 +35,6 @@ MODULE_META_KEY = "ckptmgr.module_metadata"
 Options = Optional[Dict[str, Any]]
 
 
-
 def _write(uri: str, fill: Any, storage_options: Options) -> FileEntry:
     with storage.atomic_write(uri, storage_options) as fh:
         writer = HashingWriter(fh)

@@ -15,7 +15,7 @@ import operator
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from torch import nn
 
@@ -233,9 +233,9 @@ class CheckpointManager:
     @staticmethod
     def _manifest(step: int, snap: Mapping[str, Any], written: List[Dict[str, Any]], world: int) -> Manifest:
         files = {n: FileEntry(int(size), sha) for reply in written for n, (size, sha) in reply["files"].items()}
-        components: Dict[str, Any] = dict(written[0]["components"])
-        components["rng"] = {str(rank): reply["rng"] for rank, reply in enumerate(written)}
-        return Manifest(step=step, files=files, components=components, metrics=snap["metrics"],
+        parts: Dict[str, Any] = dict(written[0]["components"])
+        parts["rng"] = {str(rank): reply["rng"] for rank, reply in enumerate(written)}
+        return Manifest(step=step, files=files, components=parts, metrics=snap["metrics"],
                         world_size=world, time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def _apply_retention(self, saved: int) -> None:
@@ -264,8 +264,10 @@ class CheckpointManager:
         Every file is checked against the manifest before anything is applied:
         sizes always, sha256 with ``verify``. Without a ``step``, the newest
         committed checkpoint that checks out is used; damaged newer ones are
-        skipped with a warning. Under torch.distributed every rank must call
-        it: rank 0 picks the step, every rank loads it (and its own RNG state).
+        skipped with a warning. The RNG streams (Python, NumPy, torch, CUDA) are
+        set to the saved ones too, so training continues exactly. Under
+        torch.distributed every rank must call it: rank 0 picks the step, every
+        rank loads it, and its own RNG state.
 
         Args:
             step: Step to restore; None for the latest good one.
@@ -315,7 +317,8 @@ class CheckpointManager:
         return RestoredCheckpoint(step=chosen, extra=values, meta=state.plain(loaded.get("meta") or {}),
                                   metrics=dict(manifest.metrics), path=self._step_uri(chosen))
 
-    def _choose(self, step: Optional[int], verify: bool, map_location: MapLocation):
+    def _choose(self, step: Optional[int], verify: bool,
+                map_location: MapLocation) -> Tuple[Optional[int], Optional[Dict[str, Any]]]:
         """Rank 0: the step to restore and its loaded files (falling back past damaged ones)."""
         def read(candidate: int) -> Dict[str, Any]:
             return components.read_step(self.directory, candidate, 0, verify, map_location, self.storage_options,

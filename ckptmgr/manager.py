@@ -130,7 +130,9 @@ class CheckpointManager:
     def all_steps(self) -> List[int]:
         """Committed steps (manifest present and self-consistent), oldest first.
 
-        One directory listing per call; manifests are read once per step and cached.
+        One directory listing per call; manifests are read once per step and
+        cached. Not a collective: any rank may call it (only ``save`` and
+        ``restore`` must be called on every rank).
         """
         return list(self.index.refresh())
 

@@ -72,8 +72,12 @@ def prepare(directory: str, step: int, force: bool, storage_options: Options = N
 
     Raises:
         CheckpointExistsError: ``step`` is committed and ``force`` is False.
+        StorageError: a file (not a directory) has the step's name.
     """
     final = storage.join(directory, step_name(step))
+    if storage.exists(final, storage_options) and not storage.isdir(final, storage_options):
+        raise StorageError(f"{final} exists and is not a checkpoint directory",
+                           "move that file out of the way; ckptmgr never deletes what it did not write")
     status = probe(final, storage_options)
     if status == "committed" and not force:
         raise CheckpointExistsError(f"step {step} is already committed in {directory}")

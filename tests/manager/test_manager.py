@@ -290,3 +290,15 @@ def test_other_fsspec_filesystems_work_too(convnet):
     assert mgr.restore(model=fresh).step == 3 and _weights_value(fresh) == 3.0
     assert ckptmgr.load_checkpoint(fresh, url + "/step_00000002")["step"] == 2
     fsspec.filesystem("memory").rm("/ckptmgr-test-run", recursive=True)
+
+
+def test_a_foreign_file_with_a_step_name_is_never_replaced(ckpt_dir, convnet):
+    mgr = CheckpointManager(ckpt_dir)
+    mgr.save(1, model=convnet)
+    with open(os.path.join(ckpt_dir, "step_00000002"), "w") as fh:
+        fh.write("not yours")
+    with pytest.raises(ckptmgr.StorageError, match="not a checkpoint directory"):
+        mgr.save(2, model=convnet, force=True)
+    with open(os.path.join(ckpt_dir, "step_00000002")) as fh:
+        assert fh.read() == "not yours"
+    assert mgr.all_steps() == [1] and tmp_names(ckpt_dir) == []

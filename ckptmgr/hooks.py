@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple, Unio
 from torch import nn
 
 from . import dist
+from .errors import CheckpointError
 from .manager import CheckpointManager, RestoredCheckpoint
 
 logger = logging.getLogger(__name__)
@@ -266,7 +267,7 @@ class CheckpointHook:
     def _decide(self, step: int, metrics: Optional[Mapping[str, Any]], rule: Optional[str],
                 epoch: Optional[int]) -> bool:
         if self._closed:
-            raise RuntimeError("this CheckpointHook is closed; create a new one")
+            raise CheckpointError("this CheckpointHook is closed", "create a new one for the next run")
         preempt, timed = self._poll()
         if preempt:
             signum, self._received = self._received, None

@@ -169,6 +169,11 @@ def _clear(directory: str) -> None:
     shutil.rmtree(directory)
 
 
+def _show(path: str) -> str:
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
 def _fail(message: str, stderr: str = "") -> int:
     print(f"\nFAILED: {message}", flush=True)
     if stderr:
@@ -185,7 +190,7 @@ def demo(args: argparse.Namespace) -> int:
     reference = directory.rstrip("/") + "-reference"
     for path in (directory, reference):
         _clear(path)
-    shown = os.path.relpath(directory)
+    shown = _show(directory)
     print(f"ckptmgr demo: torchrun job with 2 ranks (gloo, CPU), MLP on synthetic data, {args.steps} steps;\n"
           f"a checkpoint every {args.save_every} steps into {shown} (the {args.keep} newest are kept)\n", flush=True)
 
@@ -210,7 +215,7 @@ def demo(args: argparse.Namespace) -> int:
     if code != 0 or expected not in lines:
         return _fail(f"the restart did not resume from step {stop} (exit code {code})", err)
 
-    print(f"\n[3/3] uninterrupted reference run into {os.path.relpath(reference)}", flush=True)
+    print(f"\n[3/3] uninterrupted reference run into {_show(reference)}", flush=True)
     code, lines, err = run_job(_job_command(reference, args, 0.0), echo=False)
     if code != 0:
         return _fail(f"the reference run failed with exit code {code}", err)
@@ -223,7 +228,8 @@ def demo(args: argparse.Namespace) -> int:
         torch.equal(a[k], b[k]) for k in a)
     print(f"\nfinal weights (step {resumed['step']}) of the preempted+resumed run vs the uninterrupted run: "
           f"{'identical' if same else 'DIFFERENT'} (torch.equal on all {len(a)} tensors)", flush=True)
-    print(f"inspect them: ckptmgr ls {shown}   |   ckptmgr verify {shown}", flush=True)
+    tool = _show(os.path.join(os.path.dirname(sys.executable), "ckptmgr"))
+    print(f"look at them: {tool} ls {shown}   ({tool} --help for more)", flush=True)
     print(f"done in {time.monotonic() - began:.1f}s", flush=True)
     return 0 if same else 1
 

@@ -110,13 +110,15 @@ def test_ls_of_a_missing_directory_fails(ckptmgr_cli, tmp_path):
     assert result.code == 1 and "not a directory" in result.err
 
 
-def test_ls_and_verify_on_s3(ckptmgr_cli, s3):
+def test_ls_verify_and_inspect_on_s3(ckptmgr_cli, s3):
     with ckptmgr.CheckpointManager(f"{s3}/run", max_to_keep=2) as manager:
         for step in (1, 2, 3):
             manager.save(step, model=small_model(), metrics={"loss": 1.0 / step})
     data = json.loads(ckptmgr_cli("ls", f"{s3}/run", "--json").out)
     assert [c["step"] for c in data["checkpoints"]] == [2, 3]
     assert ckptmgr_cli("verify", f"{s3}/run").code == 0
+    info = json.loads(ckptmgr_cli("inspect", f"{s3}/run", "--json").out)
+    assert info["kind"] == "manager checkpoint" and info["step"] == 3 and info["state_dict"]["tensors"] == 9
 
 
 # --------------------------------------------------------------------------- inspect

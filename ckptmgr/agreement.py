@@ -29,7 +29,7 @@ def _rebuild(desc: Mapping[str, Any], rank: int, what: str) -> CheckpointError:
     return DistributedError(f"{what} failed on rank {rank}: {desc['type']}: {desc['message']}")
 
 
-def agree(what: str, func: Callable[[], Any]) -> List[Any]:
+def agree(what: str, func: Callable[[], Any], group: Optional[Any] = None) -> List[Any]:
     """Run ``func`` on every rank; return every rank's (JSON) result, or raise on every rank.
 
     The rank whose ``func`` raised re-raises its own exception; the others raise
@@ -39,6 +39,8 @@ def agree(what: str, func: Callable[[], Any]) -> List[Any]:
     Args:
         what: Names the phase in messages (``"saving step 7 to DIR (write)"``).
         func: The phase; its return value must be JSON-serialisable.
+        group: Process group for the exchange (a background writer passes its
+            private group); None for ckptmgr's default control group.
 
     Raises:
         DistributedError: another rank failed, or did not answer within the
@@ -51,7 +53,8 @@ def agree(what: str, func: Callable[[], Any]) -> List[Any]:
     except Exception as exc:  # becomes an error on every rank below
         error = exc
     try:
-        replies = dist.all_gather_json({"error": _describe(error) if error else None, "result": result}, what=what)
+        replies = dist.all_gather_json({"error": _describe(error) if error else None, "result": result}, what=what,
+                                       group=group)
     except DistributedError:
         if error is not None:
             raise error

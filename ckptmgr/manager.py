@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import operator
 import os
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -26,6 +27,7 @@ from .index import StepIndex
 from .manifest import FileEntry, Manifest, parse_step_name, step_name
 from .retention import best_of, build_policy, steps_to_delete
 from .serialization import MapLocation
+from .snapshot import BackgroundWriter, StagingBuffers
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +96,13 @@ class CheckpointManager:
         best_mode: ``'min'`` (lower is better) or ``'max'``.
         keep_best: Also keep this many best checkpoints by ``best_metric``; a
             checkpoint without that metric never counts as best.
-        async_save: Accepted for the coming background writer; until then saves
-            are synchronous (``save`` returns after the commit either way).
+        async_save: ``save`` returns once the state is copied into reused CPU
+            staging buffers (pinned when CUDA is available); a background thread
+            writes, commits and applies retention. One save is in flight at a
+            time (the next ``save`` waits for it), and an error in the background
+            is raised by the next ``save``, :meth:`wait` or :meth:`close`. Under
+            torch.distributed the constructor is then a collective (it creates a
+            private gloo group for the background agreement).
         storage_options: fsspec options (credentials, endpoint) for URLs.
 
     Raises:
@@ -116,9 +123,14 @@ class CheckpointManager:
         self.policy = build_policy(max_to_keep, keep_every_n_steps, best_metric, best_mode, keep_best)
         self.storage_options = storage_options
         self.async_save = bool(async_save)
-        if self.async_save:
-            logger.info("async_save=True: saves are synchronous until background saving is available")
         self.index = StepIndex(directory, storage_options)
+        self._index_lock = threading.RLock()  # the background writer updates the index too
+        self._staging = StagingBuffers()
+        self._writer = BackgroundWriter(name=f"ckptmgr-writer:{os.path.basename(directory) or directory}")
+        # A background save agrees with the other ranks while the training loop runs its
+        # own collectives. Two threads must never share a process group, so async saves
+        # get a private gloo group (created here: constructing the manager is collective).
+        self._async_group = dist.new_control_group() if self.async_save and dist.get_world_size() > 1 else None
         self._restored_step: Optional[int] = None
         self._closed = False
 
@@ -134,7 +146,8 @@ class CheckpointManager:
         cached. Not a collective: any rank may call it (only ``save`` and
         ``restore`` must be called on every rank).
         """
-        return list(self.index.refresh())
+        with self._index_lock:
+            return list(self.index.refresh())
 
     def latest_step(self) -> Optional[int]:
         """The highest committed step, or None."""
@@ -145,7 +158,9 @@ class CheckpointManager:
         """The committed step with the best ``best_metric`` (ties: the newer), or None."""
         if not self.best_metric:
             return None
-        ranked = best_of(self.index.refresh().values(), self.best_metric, self.best_mode)
+        with self._index_lock:
+            infos = list(self.index.refresh().values())
+        ranked = best_of(infos, self.best_metric, self.best_mode)
         return ranked[0] if ranked else None
 
     # ------------------------------------------------------------------ save
@@ -182,37 +197,78 @@ class CheckpointManager:
         step = _check_step(step)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        what = f"saving step {step} to {self.directory}"
-        snapshot: Dict[str, Any] = {}
-        plan: Optional[stepdir.WritePlan] = None
+        args = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, extra=extra,
+                    metrics=metrics, meta=meta)
+        if not self.async_save:
+            snapshot, error = self._collect_or_error(step, args, stage=False)
+            return self._write_and_commit(step, snapshot, error, force, group=None)
+        self._writer.wait()  # back-pressure: one save in flight; raises the previous save's error
+        snapshot, error = self._collect_or_error(step, args, stage=True)
+        if error is not None and dist.get_world_size() == 1:
+            raise error  # nobody else to tell: fail right here
+        self._writer.submit(lambda: self._write_and_commit(step, snapshot, error, force, group=self._async_group))
+        return self._step_uri(step)
 
-        def collect() -> Dict[str, Any]:
-            nonlocal plan
-            # Synchronous saves write straight from the live tensors; a background
-            # writer will copy them here (into staging buffers) instead.
-            snapshot["rng"] = state.rng_state(distributed=world > 1)
-            if rank != 0:
-                return {"step": step}
+    def _collect_or_error(self, step: int, args: Mapping[str, Any],
+                          stage: bool) -> Tuple[Dict[str, Any], Optional[Exception]]:
+        """Gather this rank's state; an error is returned, not raised, so every rank can learn of it."""
+        try:
+            snapshot = self._collect(step, **args)
+            if stage:  # async: copy into reused CPU buffers; the training loop may change the originals now
+                snapshot = self._staging.stage_tree(snapshot)
+            return snapshot, None
+        except Exception as exc:
+            return {}, exc
+
+    @staticmethod
+    def _collect(step: int, *, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any,
+                 extra: Optional[Mapping[str, Any]], metrics: Optional[Mapping[str, Any]],
+                 meta: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+        """This rank's share of the state: RNG everywhere, the replicated state on rank 0 (live tensors)."""
+        rank, world = dist.get_rank(), dist.get_world_size()
+        snapshot: Dict[str, Any] = {"rng": state.rng_state(distributed=world > 1)}
+        if rank == 0:
             snapshot.update(model=state.model_state(model), metrics=state.clean_metrics(metrics),
                             meta=state.build_meta(meta, step, world), extra=state.extra_state(extra),
                             optimizer=state.named_state(optimizer, "optimizer"),
                             scheduler=state.named_state(scheduler, "scheduler", prune=True),
                             scaler=state.named_state(scaler, "scaler"))
-            self.index.refresh()
-            stepdir.clean_leftovers(self.directory, self.index.names, self.index.uncommitted, self.storage_options)
+        return snapshot
+
+    def _write_and_commit(self, step: int, snapshot: Dict[str, Any], error: Optional[Exception], force: bool,
+                          group: Any) -> str:
+        """Prepare, write, commit (manifest last), retain: the part an async save runs in the background.
+
+        Every phase is agreed across ranks (on ``group``), so an error on any
+        rank, including ``error`` from collecting, raises on all of them and
+        nothing is committed.
+        """
+        rank, world = dist.get_rank(), dist.get_world_size()
+        what = f"saving step {step} to {self.directory}"
+        plan: Optional[stepdir.WritePlan] = None
+
+        def prepare() -> Dict[str, Any]:
+            nonlocal plan
+            if error is not None:
+                raise error
+            if rank != 0:
+                return {"step": step}
+            with self._index_lock:
+                self.index.refresh()
+                stepdir.clean_leftovers(self.directory, self.index.names, self.index.uncommitted,
+                                        self.storage_options)
             plan = stepdir.prepare(self.directory, step, force, self.storage_options)
             return {"step": step, "plan": plan.to_json()}
 
         committed = False
         try:
-            replies = agree(f"{what} (collect)", collect)
+            replies = agree(f"{what} (prepare)", prepare, group)
             if len({r["step"] for r in replies}) != 1:
                 raise DistributedError(f"{what}: ranks passed different steps {[r['step'] for r in replies]}",
                                        "call save() with the same step on every rank")
             plan = stepdir.WritePlan(**replies[0]["plan"])
             written = agree(f"{what} (write)", lambda: components.write_rank_files(
-                plan.root, plan.prefix, snapshot, rank, self.storage_options))
+                plan.root, plan.prefix, snapshot, rank, self.storage_options), group)
             manifest: List[Manifest] = []
 
             def commit() -> None:
@@ -221,13 +277,14 @@ class CheckpointManager:
                     manifest.append(self._manifest(step, snapshot, written, world))
                     stepdir.commit(plan, manifest[0], self.storage_options)
                     committed = True
-            agree(f"{what} (commit)", commit)
+            agree(f"{what} (commit)", commit, group)
             committed = True
         finally:
             if not committed and rank == 0 and plan is not None:  # never undo a commit that happened
                 stepdir.abort(plan, self.storage_options)
         if rank == 0:
-            self.index.add(step, manifest[0].metrics)
+            with self._index_lock:
+                self.index.add(step, manifest[0].metrics)
             logger.info("committed checkpoint step %d at %s", step, plan.final)
             self._apply_retention(step)
         return plan.final
@@ -242,7 +299,8 @@ class CheckpointManager:
 
     def _apply_retention(self, saved: int) -> None:
         """Delete what the policy drops (rank 0, after the commit; failures only logged)."""
-        known = self.index.known()
+        with self._index_lock:
+            known = self.index.known()
         protected = {saved}
         if self._restored_step is not None and self._restored_step == max(known):
             protected.add(self._restored_step)
@@ -252,7 +310,8 @@ class CheckpointManager:
             except Exception as exc:  # the new checkpoint is committed; deleting can wait
                 logger.warning("retention could not delete step %d: %s", step, exc)
                 continue
-            self.index.discard(step)
+            with self._index_lock:
+                self.index.discard(step)
             logger.info("retention deleted checkpoint step %d", step)
 
     # ------------------------------------------------------------------ restore
@@ -293,6 +352,7 @@ class CheckpointManager:
         self._check_open()
         if step is not None:
             step = _check_step(step)
+        self.wait()  # never read a directory a background save is still writing
         rank = dist.get_rank()
         loaded: Dict[str, Any] = {}
 
@@ -327,7 +387,8 @@ class CheckpointManager:
                                         check_all=True)
         if step is not None:
             return step, read(step)
-        candidates = sorted(self.index.refresh(), reverse=True)
+        with self._index_lock:
+            candidates = sorted(self.index.refresh(), reverse=True)
         failures = []
         for candidate in candidates:
             try:
@@ -346,12 +407,26 @@ class CheckpointManager:
             raise CheckpointError("this CheckpointManager is closed", "create a new one")
 
     def wait(self) -> None:
-        """Block until pending saves are committed (saves are synchronous for now: returns at once)."""
+        """Block until the pending async save (if any) is committed and retention applied.
+
+        Raises:
+            CheckpointError, StorageError, DistributedError, ...: what the background save raised.
+        """
+        self._writer.wait()
 
     def close(self) -> None:
-        """Wait for pending work; the manager cannot save or restore afterwards."""
-        self.wait()
-        self._closed = True
+        """Wait for pending work and free the staging buffers; the manager cannot save or restore afterwards.
+
+        Raises:
+            Whatever a pending background save raised (the manager is closed all the same).
+        """
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            self._staging.release()
 
     def __enter__(self) -> "CheckpointManager":
         return self

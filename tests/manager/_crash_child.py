@@ -32,12 +32,16 @@ def make_model() -> nn.Module:
     return nn.Linear(128, 128)
 
 
-def save_forever(directory: str, log: str, mode: str, value: int) -> None:
-    """Save checkpoints until killed: new steps (max_to_keep=3), or step 1 again and again with force."""
+def save_forever(directory: str, log: str, mode: str, value: int, async_save: bool = False) -> None:
+    """Save checkpoints until killed: new steps (max_to_keep=3), or step 1 again and again with force.
+
+    With ``async_save`` each save is followed by ``wait()``, so "end V" still
+    means "V is committed"; the kill lands in the background writer's work.
+    """
     from ckptmgr import CheckpointManager
     torch.set_num_threads(1)
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    mgr = CheckpointManager(directory, max_to_keep=3)
+    mgr = CheckpointManager(directory, max_to_keep=3, async_save=async_save)
     model = make_model()
     opt = torch.optim.Adam(model.parameters())
     model(torch.ones(1, 128)).sum().backward()
@@ -51,6 +55,10 @@ def save_forever(directory: str, log: str, mode: str, value: int) -> None:
             model.bias.fill_(-value)
         os.write(fd, f"begin {value}\n".encode())
         mgr.save(step, model=model, optimizer=opt, extra={"value": value}, force=mode == "force")
+        if async_save:
+            with torch.no_grad():  # the background writer must not see this: it works on a staged copy
+                model.weight.fill_(-1.0)
+            mgr.wait()
         os.write(fd, f"end {value}\n".encode())
         value += 1
         if mode == "steps":
@@ -71,7 +79,7 @@ def zygote() -> None:
         pid = os.fork()
         if pid == 0:
             try:
-                save_forever(job["directory"], job["log"], job["mode"], job["value"])
+                save_forever(job["directory"], job["log"], job["mode"], job["value"], job.get("async", False))
             except BaseException as exc:  # report, never fall back into the zygote's loop
                 with open(job["log"], "a") as fh:
                     fh.write(f"error {type(exc).__name__}: {exc}\n")

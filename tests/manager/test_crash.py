@@ -71,12 +71,14 @@ def _delays(rng, count, longest):
 
 
 @pytest.mark.timeout(600)
-def test_kill_9_during_saves_never_loses_the_latest(tmp_path, zygote):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_kill_9_during_saves_never_loses_the_latest(tmp_path, zygote, async_save):
     directory, log = str(tmp_path / "run"), str(tmp_path / "log")
-    rng = random.Random(int(os.environ.get("CKPTMGR_CRASH_SEED", "0")))
+    rng = random.Random(int(os.environ.get("CKPTMGR_CRASH_SEED", "0")) + async_save)
     seen, latest, outcomes, leftovers = 0, None, {"previous": 0, "new": 0, "idle": 0, "temp_left": 0}, []
-    for delay in _delays(rng, KILLS, 0.25):
-        pid = zygote.fork_saver(directory=directory, log=log, mode="steps", value=0)
+    kills = KILLS if not async_save else max(20, KILLS * 2 // 3)
+    for delay in _delays(rng, kills, 0.25):
+        pid = zygote.fork_saver(directory=directory, log=log, mode="steps", value=0, **{"async": async_save})
         time.sleep(delay)
         zygote.kill(pid)
         events, seen = _events(log, seen)
@@ -102,7 +104,7 @@ def test_kill_9_during_saves_never_loses_the_latest(tmp_path, zygote):
     CheckpointManager(directory, max_to_keep=3).save((latest or 0) + 1, model=model)
     assert tmp_names(directory) == []
     assert outcomes["previous"] + outcomes["new"] > 0, outcomes
-    print(f"\ncrash test: {KILLS} kills, outcomes {outcomes}")
+    print(f"\ncrash test ({'async' if async_save else 'sync'}): {kills} kills, outcomes {outcomes}")
 
 
 @pytest.mark.timeout(600)

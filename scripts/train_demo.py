@@ -46,6 +46,12 @@ def _batch(step: int, rank: int, world: int):
     return x[rank::world], y[rank::world]
 
 
+def _say(line: str) -> None:
+    """One write per line: both ranks share the launcher's stdout, and print() writes the newline separately."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def worker(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as tdist
@@ -76,8 +82,8 @@ def worker(args: argparse.Namespace) -> int:
                                   every_n_steps=args.save_every)
     start = hook.resume()
     if rank == 0:
-        print(f"resumed from step {start - 1}, continuing at step {start}" if start else
-              f"starting at step 0 ({world} ranks)", flush=True)
+        _say(f"resumed from step {start - 1}, continuing at step {start}" if start else
+             f"starting at step 0 ({world} ranks)")
     model.train()
     preempted = False
     for step in range(start, args.steps):
@@ -94,17 +100,16 @@ def worker(args: argparse.Namespace) -> int:
             break
         if rank == 0 and (step % 5 == 4 or hook.last_saved_step == step):
             saved = f"  saved step_{step:08d}" if hook.last_saved_step == step else ""
-            print(f"step {step:3d}  loss {loss.item():.4f}{saved}", flush=True)
+            _say(f"step {step:3d}  loss {loss.item():.4f}{saved}")
     if not preempted and args.steps - 1 not in (hook.last_saved_step, start - 1):
         manager.save(args.steps - 1, model=model, optimizer=optimizer, scheduler=scheduler, meta={"trigger": "end"})
     if not preempted and rank == 0:
-        print(f"finished: {args.steps} steps, latest checkpoint step {manager.latest_step()}", flush=True)
+        _say(f"finished: {args.steps} steps, latest checkpoint step {manager.latest_step()}")
     hook.close()
     manager.close()
     tdist.destroy_process_group()
     if preempted:   # the last thing a rank does: it got through the save and the shutdown cleanly
-        print(f"rank {rank}: preempted at step {hook.last_saved_step}; checkpoint committed; exiting with 0",
-              flush=True)
+        _say(f"rank {rank}: preempted at step {hook.last_saved_step}; checkpoint committed; exiting with 0")
     return 0
 
 
@@ -196,11 +201,11 @@ def demo(args: argparse.Namespace) -> int:
 
     print("[1/3] train; SIGTERM arrives mid-run", flush=True)
     code, lines, err = run_job(_job_command(directory, args, args.step_time), kill_at=args.steps // 3)
-    stops = sorted({int(m.group(1)) for m in (re.search(r"preempted at step (\d+)", x) for x in lines) if m})
-    ranks = [x for x in lines if "preempted at step" in x]
-    if len(ranks) != 2 or len(stops) != 1:
-        return _fail(f"expected both ranks to stop at one step, got: {ranks}", err)
-    stop = stops[0]
+    found = re.findall(r"rank (\d+): preempted at step (\d+)", "\n".join(lines))
+    stops = {int(step) for _, step in found}
+    if sorted(int(rank) for rank, _ in found) != [0, 1] or len(stops) != 1:
+        return _fail(f"expected both ranks to stop at one step, got: {found}", err)
+    stop = stops.pop()
     manager = ckptmgr.CheckpointManager(directory, max_to_keep=None)
     kept = manager.all_steps()
     trigger = ckptmgr.CheckpointLoader.load_checkpoint(directory)["meta"]["user"].get("trigger")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Dict, Mapping, Optional
 
 from . import storage
+from .digest import PIECE, Sha256Pipeline
 from .errors import ChecksumError, CheckpointFormatError, CorruptCheckpointError
 
 logger = logging.getLogger(__name__)
@@ -189,19 +190,21 @@ class HashingWriter:
 
     def __init__(self, fileobj: IO[bytes]) -> None:
         self._fh = fileobj
-        self._sha = hashlib.sha256()
+        self._sha = Sha256Pipeline()
         self.size = 0
 
     def write(self, data: Any) -> int:
-        """Write ``data`` (bytes-like) through to the wrapped file."""
+        """Write ``data`` (bytes-like) through to the wrapped file, hashing it beside the write."""
         view = memoryview(data).cast("B")
-        self._sha.update(view)
+        for start in range(0, len(view), PIECE):
+            piece = view[start:start + PIECE]
+            self._sha.update(piece)
+            self._fh.write(piece)
         self.size += len(view)
-        self._fh.write(view)
         return len(view)
 
     def entry(self) -> FileEntry:
-        """The size and sha256 of everything written so far."""
+        """The size and sha256 of everything written so far (call once, after the last write)."""
         return FileEntry(self.size, self._sha.hexdigest())
 
 
@@ -213,7 +216,7 @@ class HashingReader:
 
     def __init__(self, fileobj: IO[bytes], digest: bool = True) -> None:
         self._fh = fileobj
-        self._sha = hashlib.sha256() if digest else None
+        self._sha = Sha256Pipeline() if digest else None
         self.size = 0
 
     def _seen(self, data: Any) -> None:
@@ -228,8 +231,8 @@ class HashingReader:
         return data
 
     def readinto(self, buf: Any) -> int:
-        """Read into a writable buffer."""
-        view = memoryview(buf).cast("B")
+        """Read into a writable buffer (at most one piece at a time, so hashing overlaps the next read)."""
+        view = memoryview(buf).cast("B")[:PIECE]
         if hasattr(self._fh, "readinto"):
             n = self._fh.readinto(view) or 0
         else:

@@ -25,7 +25,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 from . import storage
 from .errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError, UnsafeCheckpointError
-from .inventory import (DirEntry, describe_checkpoint, is_step_dir, jsonable, kept_by, load_weights_and_meta,
+from .inventory import (describe_checkpoint, is_step_dir, jsonable, kept_by, load_weights_and_meta,
                         scan_directory, verify)
 from .manifest import HashingReader
 
@@ -83,17 +83,6 @@ def _policy(args: argparse.Namespace):
         raise UsageError(text) from None
 
 
-_INCOMPLETE = {
-    "uncommitted": "no manifest.json: an interrupted upload or a copy made by something else",
-    "temporary": "a save in progress, or one that crashed (the next save removes it)",
-    "replaced": "the old copy of an interrupted forced save (the next save settles it)",
-}
-
-
-def _incomplete_note(entry: DirEntry) -> str:
-    return f"damaged: {entry.problem}" if entry.status == "damaged" else f"{entry.status}: {_INCOMPLETE[entry.status]}"
-
-
 # --------------------------------------------------------------------------- ls
 
 
@@ -131,7 +120,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if incomplete:
         print("not committed (resume never uses these):")
         for e in incomplete:
-            print(f"  {e.name}  {_incomplete_note(e)}")
+            print(f"  {e.name}  {e.status}: {e.note}")
     return 0
 
 
@@ -152,7 +141,7 @@ def _print_optimizers(kind: str, summary: Mapping[str, Any]) -> None:
         print(f"{kind} {name!r}: {len(opt['param_groups'])} param group(s){state}")
         for i, group in enumerate(opt["param_groups"]):
             hyper = ", ".join(f"{k}={_inline(v)}" for k, v in group.items()
-                              if k != "params" and v not in (None, False))   # unset switches are noise
+                              if k != "params" and v is not None and v is not False)   # unset switches are noise
             print(f"  group {i}: {group['params']} params, {hyper}")
 
 
@@ -200,22 +189,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     results = verify(args.path)
-    if args.json:
-        _print_json({"ok": all(r.ok for r in results if r.status in ("checked", "file")), "checked": [
-            {"path": r.uri, "status": r.status, "ok": r.ok if r.status in ("checked", "file") else None,
-             "problems": r.problems} for r in results]})
     checked = [r for r in results if r.status in ("checked", "file")]
     bad = [r for r in checked if not r.ok]
-    if not args.json:
-        for r in results:
-            if r.status not in ("checked", "file"):
-                print(f"{r.uri}  not committed ({r.status}; resume never uses it)")
-                continue
-            what = f"{len(r.manifest.files)} files" if r.manifest else "sha256 matches its name"
-            print(f"{r.uri}  OK ({what})" if r.ok else f"{r.uri}  DAMAGED")
-            for problem in r.problems:
-                print(f"    {problem}")
-        print(f"{len(bad)} of {len(checked)} damaged" if bad else f"all {len(checked)} intact")
+    if args.json:
+        _print_json({"ok": not bad, "checked": [{"path": r.uri, "status": r.status, "ok": r.ok if r in checked
+                                                 else None, "problems": r.problems} for r in results]})
+        return 1 if bad else 0
+    for r in results:
+        what = f"{len(r.manifest.files)} files" if r.manifest else "sha256 matches its name"
+        print(f"{r.uri}  not committed ({r.status}; resume never uses it)" if r not in checked else
+              f"{r.uri}  OK ({what})" if r.ok else f"{r.uri}  DAMAGED")
+        for problem in r.problems:
+            print(f"    {problem}")
+    print(f"{len(bad)} of {len(checked)} damaged" if bad else f"all {len(checked)} intact")
     return 1 if bad else 0
 
 
@@ -372,34 +358,36 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print JSON for machines instead of text")
+    unpickle = argparse.ArgumentParser(add_help=False)
+    unpickle.add_argument("--trust-pickle", action="store_true", help="allow pickle code (only for files you trust)")
 
-    def add(name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+    def add(name: str, func: Any, help_text: str, loads: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common, unpickle] if loads else [common], help=help_text,
+                           description=help_text)
         p.set_defaults(func=func)
         return p
     p = add("ls", cmd_ls, "list the checkpoints of a manager directory; flag the ones that are not committed")
     p.add_argument("path", metavar="DIR_OR_URL")
     _retention_flags(p, keep_required=False)
     p = add("inspect", cmd_inspect, "show meta, keys with shapes and dtypes, and optimizer state of a checkpoint "
-                                    "(a .pth/.safetensors file, a manager or step directory, or any scheme)")
+                                    "(a .pth/.safetensors file, a manager or step directory, or any scheme)",
+            loads=True)
     p.add_argument("path", metavar="PATH_OR_URI")
     p.add_argument("--top", type=int, default=TOP_DEFAULT, metavar="N", help=f"keys to show (default {TOP_DEFAULT})")
     p.add_argument("--all", action="store_true", help="show every key")
-    p.add_argument("--trust-pickle", action="store_true", help="allow pickle code (only for files you trust)")
     p = add("verify", cmd_verify, "check sizes and sha256 of every file against the manifest (a step directory, "
                                   "or every step of a manager directory); exit 1 on damage")
     p.add_argument("path", metavar="PATH_OR_URL")
-    p = add("convert", cmd_convert, "convert weights: .pth <-> .safetensors, manager checkpoint -> one file")
+    p = add("convert", cmd_convert, "convert weights: .pth <-> .safetensors, manager checkpoint -> one file",
+            loads=True)
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST", help="ends in .safetensors, .pth, .pt, .bin or .ckpt")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
-    p.add_argument("--trust-pickle", action="store_true", help="allow pickle code in SRC (only for files you trust)")
     p = add("publish", cmd_publish, "write weights without optimizer state as NAME-<sha256[:8]>.pth "
-                                    "(the torch.hub convention) and print the hash")
+                                    "(the torch.hub convention) and print the hash", loads=True)
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst_dir", metavar="DST_DIR")
     p.add_argument("--name", help="file name stem (default: from SRC)")
-    p.add_argument("--trust-pickle", action="store_true", help="allow pickle code in SRC (only for files you trust)")
     p = add("prune", cmd_prune, "delete committed checkpoints that a retention policy drops (never touches other "
                                 "files; do not run it while a job with a smaller --keep writes to DIR)")
     p.add_argument("path", metavar="DIR")

@@ -59,6 +59,19 @@ class DirEntry:
         """Bytes of a committed checkpoint's data files, from its manifest (None for other entries)."""
         return None if self.manifest is None else sum(e.size for e in self.manifest.files.values())
 
+    @property
+    def note(self) -> str:
+        """What the status means, in words (for listings)."""
+        return self.problem if self.status == "damaged" else _NOTES.get(self.status, "")
+
+
+_NOTES = {
+    "committed": "complete and verified by its manifest",
+    "uncommitted": "no manifest.json: an interrupted upload or a copy made by something else",
+    "temporary": "a save in progress, or one that crashed (the next save removes it)",
+    "replaced": "the old copy of an interrupted forced save (the next save settles it)",
+}
+
 
 def scan_directory(directory: str, storage_options: Optional[Dict[str, Any]] = None) -> List[DirEntry]:
     """Classify what a manager directory holds, from one listing and its manifests.

@@ -208,6 +208,8 @@ def test_bad_manager_or_step_are_rejected(manager):
             hook.after_step(-1)
         with pytest.raises(TypeError):
             hook.after_step(1.0)
+    with pytest.raises(ckptmgr.CheckpointError, match="closed"):
+        hook.after_step(0)
 
 
 # --------------------------------------------------------------------------- two real ranks

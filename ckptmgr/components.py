@@ -19,6 +19,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 
 from . import storage
+from .faults import fault_point
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
 from .manifest import (MANIFEST_NAME, FileEntry, HashingReader, HashingWriter, Manifest, check_sizes, compare,
                        step_name, verify_file)
@@ -39,6 +40,7 @@ def _write(uri: str, fill: Any, storage_options: Options) -> FileEntry:
     with storage.atomic_write(uri, storage_options) as fh:
         writer = HashingWriter(fh)
         fill(writer)
+    fault_point("save.after_data_file")
     return writer.entry()
 
 
@@ -116,8 +118,12 @@ def _parse_json(reader: HashingReader, size: int) -> Any:
 
 
 def read_component(step_uri: str, manifest: Manifest, name: str, verify: bool = True,
-                   map_location: MapLocation = None, storage_options: Options = None) -> Any:
+                   map_location: MapLocation = None, storage_options: Options = None,
+                   into: Optional[Mapping[str, torch.Tensor]] = None) -> Any:
     """Read a component file written by :func:`write_component`, checking it against the manifest.
+
+    ``into`` maps tensor names (as :func:`ckptmgr.serialization.to_skeleton`
+    names them) to existing CPU tensors to fill in place when shape and dtype match.
 
     Raises:
         ChecksumError: size or sha256 differ from the manifest.
@@ -129,7 +135,7 @@ def read_component(step_uri: str, manifest: Manifest, name: str, verify: bool = 
         raise CorruptCheckpointError(f"{step_uri}: {name} is neither JSON nor safetensors; refusing to read it")
 
     def parse(reader: HashingReader, size: int) -> Any:
-        tensors, metadata = read_safetensors(reader, size=size, map_location=map_location)
+        tensors, metadata = read_safetensors(reader, size=size, map_location=map_location, into=into)
         if SKELETON_KEY not in metadata:
             return tensors
         try:
@@ -141,8 +147,12 @@ def read_component(step_uri: str, manifest: Manifest, name: str, verify: bool = 
 
 
 def read_model(step_uri: str, manifest: Manifest, verify: bool = True, map_location: MapLocation = None,
-               storage_options: Options = None) -> Tuple["OrderedDict[str, Any]", Dict[str, Any]]:
+               storage_options: Options = None,
+               into: Optional[Mapping[str, torch.Tensor]] = None) -> Tuple["OrderedDict[str, Any]", Dict[str, Any]]:
     """Read the model weights and module metadata of a step.
+
+    ``into`` maps weight names to existing CPU tensors (the live parameters) to
+    fill in place when shape and dtype match, so no second copy is allocated.
 
     Raises:
         CorruptCheckpointError: no model in the manifest, or the file is damaged.
@@ -152,7 +162,7 @@ def read_model(step_uri: str, manifest: Manifest, verify: bool = True, map_locat
         raise CorruptCheckpointError(f"{step_uri}: the manifest names no model weights file")
 
     def parse(reader: HashingReader, size: int) -> Any:
-        tensors, metadata = read_safetensors(reader, size=size, map_location=map_location)
+        tensors, metadata = read_safetensors(reader, size=size, map_location=map_location, into=into)
         try:
             module_meta = json.loads(metadata.get(MODULE_META_KEY, "{}"))
             state = from_skeleton(json.loads(metadata[SKELETON_KEY]), tensors) if SKELETON_KEY in metadata \
@@ -218,12 +228,16 @@ def write_rank_files(root: str, prefix: str, snap: Mapping[str, Any], rank: int,
 
 
 def read_step(directory: str, step: int, rank: int, verify: bool = True, map_location: MapLocation = None,
-              storage_options: Options = None, check_all: bool = False) -> Dict[str, Any]:
+              storage_options: Options = None, check_all: bool = False,
+              into: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None) -> Dict[str, Any]:
     """Read (and check) everything ``rank`` needs from a committed step; nothing is applied.
 
     Sizes of every file are compared with one listing first; each file read
     is then hashed in the same pass (``verify``). With ``check_all`` the other
     ranks' RNG files are verified too, so one reader can vouch for the step.
+    ``into`` maps ``'model'`` and component names to tensors to read into in
+    place (see :func:`ckptmgr.state.inplace_targets`); those tensors then hold
+    the step's bytes even if a later check fails.
 
     Returns:
         ``{'manifest', 'model': (weights, module_meta), <component>: state or None, 'rng': state or None}``.
@@ -240,12 +254,14 @@ def read_step(directory: str, step: int, rank: int, verify: bool = True, map_loc
     if manifest.step != step:
         raise CorruptCheckpointError(f"{uri}: the manifest records step {manifest.step}")
     check_sizes(manifest, storage.list_files(uri, storage_options), uri)
+    into = into or {}
     out: Dict[str, Any] = {"manifest": manifest,
-                           "model": read_model(uri, manifest, verify, map_location, storage_options)}
+                           "model": read_model(uri, manifest, verify, map_location, storage_options,
+                                               into=into.get("model"))}
     for comp in COMPONENTS:
         name = manifest.file_for(comp)
         out[comp] = None if name is None else read_component(uri, manifest, name, verify, map_location,
-                                                             storage_options)
+                                                             storage_options, into=into.get(comp))
     name = manifest.rng_file(rank)
     out["rng"] = None if name is None else read_component(uri, manifest, name, verify, None, storage_options)
     if check_all and verify:

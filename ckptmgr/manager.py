@@ -23,8 +23,10 @@ from torch import nn
 from . import components, dist, state, stepdir, storage
 from .agreement import agree
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, DistributedError
+from .faults import fault_point
 from .index import StepIndex
 from .manifest import FileEntry, Manifest, parse_step_name, step_name
+from .ownership import DirectoryOwner
 from .retention import best_of, build_policy, steps_to_delete
 from .serialization import MapLocation
 from .snapshot import BackgroundWriter, StagingBuffers
@@ -132,6 +134,7 @@ class CheckpointManager:
         # get a private gloo group (created here: constructing the manager is collective).
         self._async_group = dist.new_control_group() if self.async_save and dist.get_world_size() > 1 else None
         self._restored_step: Optional[int] = None
+        self._owner = DirectoryOwner(directory, storage_options)  # claimed at the first save, never by reads
         self._closed = False
 
     # ------------------------------------------------------------------ listing
@@ -251,8 +254,10 @@ class CheckpointManager:
             nonlocal plan
             if error is not None:
                 raise error
+            fault_point("save.prepare")
             if rank != 0:
                 return {"step": step}
+            self._owner.claim()  # before cleaning: never tidy away another job's in-flight save
             with self._index_lock:
                 self.index.refresh()
                 stepdir.clean_leftovers(self.directory, self.index.names, self.index.uncommitted,
@@ -267,14 +272,19 @@ class CheckpointManager:
                 raise DistributedError(f"{what}: ranks passed different steps {[r['step'] for r in replies]}",
                                        "call save() with the same step on every rank")
             plan = stepdir.WritePlan(**replies[0]["plan"])
-            written = agree(f"{what} (write)", lambda: components.write_rank_files(
-                plan.root, plan.prefix, snapshot, rank, self.storage_options), group)
+
+            def write() -> Dict[str, Any]:
+                fault_point("save.write")
+                return components.write_rank_files(plan.root, plan.prefix, snapshot, rank, self.storage_options)
+            written = agree(f"{what} (write)", write, group)
             manifest: List[Manifest] = []
 
             def commit() -> None:
                 nonlocal committed
+                fault_point("save.commit")
                 if rank == 0:
                     manifest.append(self._manifest(step, snapshot, written, world))
+                    self._owner.check()  # an object-store lease taken over by another job: do not commit
                     stepdir.commit(plan, manifest[0], self.storage_options)
                     committed = True
             agree(f"{what} (commit)", commit, group)
@@ -286,6 +296,7 @@ class CheckpointManager:
             with self._index_lock:
                 self.index.add(step, manifest[0].metrics)
             logger.info("committed checkpoint step %d at %s", step, plan.final)
+            fault_point("save.after_rename")
             self._apply_retention(step)
         return plan.final
 
@@ -313,13 +324,14 @@ class CheckpointManager:
             with self._index_lock:
                 self.index.discard(step)
             logger.info("retention deleted checkpoint step %d", step)
+            fault_point("retention.between_deletes")
 
     # ------------------------------------------------------------------ restore
 
     def restore(self, step: Optional[int] = None, *, model: nn.Module, optimizer: Any = None,
                 scheduler: Any = None, scaler: Any = None, extra: Optional[Mapping[str, Any]] = None,
-                strict: bool = True, verify: bool = True,
-                map_location: MapLocation = None) -> Optional[RestoredCheckpoint]:
+                strict: bool = True, verify: bool = True, map_location: MapLocation = None,
+                in_place: bool = True) -> Optional[RestoredCheckpoint]:
         """Load a checkpoint into the given objects.
 
         Every file is checked against the manifest before anything is applied:
@@ -339,6 +351,13 @@ class CheckpointManager:
                 passed must have saved state.
             verify: Check sha256 of every file (sizes are always checked).
             map_location: Where to put loaded tensors (as for ``torch.load``).
+            in_place: Read weights and optimizer state straight into the
+                model's and optimizer's existing CPU tensors (no second copy of
+                the state in memory). If a file then fails verification, those
+                tensors hold partial data: the latest-step fallback overwrites
+                them with an older step, and an explicit ``step`` raises, so do
+                not train on after a failed restore. Pass False to leave them
+                untouched until every file has checked out.
 
         Returns:
             A :class:`RestoredCheckpoint`, or None when nothing is committed.
@@ -355,11 +374,12 @@ class CheckpointManager:
         self.wait()  # never read a directory a background save is still writing
         rank = dist.get_rank()
         loaded: Dict[str, Any] = {}
+        into = state.inplace_targets(model, optimizer) if in_place and map_location in (None, "cpu") else None
 
         def choose() -> Optional[int]:
             if rank != 0:
                 return None
-            chosen, payload = self._choose(step, verify, map_location)
+            chosen, payload = self._choose(step, verify, map_location, into)
             loaded.update(payload or {})
             return chosen
         chosen = agree(f"restoring from {self.directory} (choose)", choose)[0]
@@ -368,7 +388,7 @@ class CheckpointManager:
         what = f"restoring step {chosen} from {self.directory}"
         if rank != 0:
             agree(f"{what} (read)", lambda: loaded.update(components.read_step(
-                self.directory, chosen, rank, verify, map_location, self.storage_options)))
+                self.directory, chosen, rank, verify, map_location, self.storage_options, into=into)))
         else:
             agree(f"{what} (read)", lambda: None)
         values: Dict[str, Any] = {}
@@ -379,12 +399,12 @@ class CheckpointManager:
         return RestoredCheckpoint(step=chosen, extra=values, meta=state.plain(loaded.get("meta") or {}),
                                   metrics=dict(manifest.metrics), path=self._step_uri(chosen))
 
-    def _choose(self, step: Optional[int], verify: bool,
-                map_location: MapLocation) -> Tuple[Optional[int], Optional[Dict[str, Any]]]:
+    def _choose(self, step: Optional[int], verify: bool, map_location: MapLocation,
+                into: Optional[Dict[str, Any]]) -> Tuple[Optional[int], Optional[Dict[str, Any]]]:
         """Rank 0: the step to restore and its loaded files (falling back past damaged ones)."""
         def read(candidate: int) -> Dict[str, Any]:
             return components.read_step(self.directory, candidate, 0, verify, map_location, self.storage_options,
-                                        check_all=True)
+                                        check_all=True, into=into)
         if step is not None:
             return step, read(step)
         with self._index_lock:
@@ -427,6 +447,7 @@ class CheckpointManager:
         finally:
             self._closed = True
             self._staging.release()
+            self._owner.release()
 
     def __enter__(self) -> "CheckpointManager":
         return self

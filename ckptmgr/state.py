@@ -300,6 +300,24 @@ def build_meta(user_meta: Optional[Mapping[str, Any]], step: int, world_size: in
     }
 
 
+def inplace_targets(model: torch.nn.Module, optimizer: Any) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Existing CPU tensors a restore may read straight into, keyed as the step's files name them.
+
+    The model's parameters and buffers (by their bare keys) and the
+    optimizer's state tensors (by their path in the saved structure) are
+    returned as detached aliases; a restore fills them in place, so loading
+    needs no second copy of the state in memory. Tensors on other devices are left out.
+    """
+    def on_cpu(tensors: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in tensors.items()
+                if isinstance(v, torch.Tensor) and v.device.type == "cpu"}
+    targets = {"model": on_cpu(get_state_dict(model))}
+    optim = named_state(optimizer, "optimizer")
+    if optim is not None:
+        targets["optimizer"] = on_cpu(to_skeleton(optim, path="optimizer")[1])
+    return targets
+
+
 def apply_loaded(loaded: Mapping[str, Any], model: torch.nn.Module, optimizer: Any, scheduler: Any, scaler: Any,
                  extra: Optional[Mapping[str, Any]], strict: bool) -> Dict[str, Any]:
     """Apply what :func:`ckptmgr.components.read_step` read; RNG last. Returns the restored extra values.

@@ -118,3 +118,4 @@ def test_restore_waits_for_a_pending_save(ckpt_dir, convnet):
     restored = mgr.restore(model=ConvNet())   # sees step 7 even though save() returned before committing
     assert restored.step == 7
     mgr.close()
+

@@ -11,9 +11,12 @@ never from sniffing, and nothing here can unpickle.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
@@ -33,6 +36,7 @@ __all__ = ["COMPONENTS", "write_component", "write_model", "write_rank_files", "
 
 COMPONENTS = ("optimizer", "scheduler", "scaler", "extra", "meta")
 MODULE_META_KEY = "ckptmgr.module_metadata"
+WRITERS = max(2, min(4, os.cpu_count() or 2))  # files of one step written at once
 Options = Optional[Dict[str, Any]]
 
 
@@ -211,17 +215,25 @@ def write_rank_files(root: str, prefix: str, snap: Mapping[str, Any], rank: int,
     Returns:
         JSON for the commit: ``{'files': {name: [size, sha256]}, 'components': {...}, 'rng': name}``.
     """
-    files: Dict[str, FileEntry] = {}
-    components: Dict[str, str] = {}
+    jobs: Dict[str, Any] = {}
     if rank == 0:
-        name, files[name] = write_model(root, *snap["model"], storage_options, prefix=prefix)
-        components["model"] = name
+        jobs["model"] = lambda: write_model(root, *snap["model"], storage_options, prefix=prefix)
         for comp in COMPONENTS:
             if snap.get(comp) is not None:
-                name, files[name] = write_component(root, comp, snap[comp], storage_options, prefix=prefix)
-                components[comp] = name
-    rng_name, files[rng_name] = write_component(root, f"rng-rank{rank:05d}", snap["rng"], storage_options,
-                                                prefix=prefix)
+                jobs[comp] = functools.partial(write_component, root, comp, snap[comp], storage_options,
+                                               prefix=prefix)
+    jobs["rng"] = lambda: write_component(root, f"rng-rank{rank:05d}", snap["rng"], storage_options,
+                                          prefix=prefix)
+    # Files are independent: write them concurrently (the model and the optimizer
+    # moments are the big ones), so copying into the page cache or uploading
+    # uses more than one core or connection. Every job finishes before we return.
+    with ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="ckptmgr-write") as pool:
+        futures = {comp: pool.submit(job) for comp, job in jobs.items()}
+        done = {comp: future.result() for comp, future in futures.items()}
+    rng_name, rng_entry = done.pop("rng")
+    components = {comp: name for comp, (name, _) in done.items()}
+    files = dict(done.values())
+    files[rng_name] = rng_entry
     if storage.is_local(root):
         storage.fsync_dir(storage.local_path(root))
     return {"files": {n: [e.size, e.sha256] for n, e in files.items()}, "components": components, "rng": rng_name}

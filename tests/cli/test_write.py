@@ -101,6 +101,11 @@ def test_publish_strips_optimizer_state_and_names_the_file_by_its_hash(ckptmgr_c
 def test_publish_rejects_bad_names_and_bad_sources(ckptmgr_cli, run_dir, tmp_path):
     assert ckptmgr_cli("publish", run_dir, tmp_path / "hub", "--name", "../evil").code == 2
     assert ckptmgr_cli("publish", tmp_path / "absent.pth", tmp_path / "hub").code == 1
+    torn = tmp_path / "torn.pth"
+    ckptmgr.save_checkpoint(small_model(), str(torn))
+    torn.write_bytes(torn.read_bytes()[:-200])
+    result = ckptmgr_cli("publish", torn, tmp_path / "hub")
+    assert result.code == 1 and "torn.pth" in result.err
     assert not os.path.exists(tmp_path / "hub") or os.listdir(tmp_path / "hub") == []
 
 

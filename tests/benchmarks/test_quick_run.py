@@ -1,0 +1,30 @@
+"""The benchmark suite runs end to end (small sizes) and produces every figure."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+
+@pytest.mark.timeout(300)
+def test_run_all_quick_produces_every_figure(tmp_path):
+    import run_all
+    results = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run_all.py"), "--quick",
+                           "--results", str(results), "--dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(results.read_text())
+    for key, bench, *_ in run_all.FIGURES:
+        value = data[bench][key]
+        assert isinstance(value, float), (key, value)
+        assert value >= 0 if "growth" in key else value > 0, (key, value)  # growth may truly be zero
+    for bench in {b for _, b, *_ in run_all.FIGURES}:
+        assert data[bench]["machine"]["torch"], bench
+    table = proc.stdout
+    assert "M1 sync durable save throughput" in table and "retention" in table
+    assert os.listdir(tmp_path) == ["results.json"]  # scratch space cleaned up

@@ -168,6 +168,20 @@ def test_signal_saves_this_step_returns_true_and_handlers_are_restored(manager):
     assert signal.getsignal(signal.SIGUSR1) is previous
 
 
+def test_preemption_with_async_saves_returns_only_after_the_commit(tmp_path):
+    manager = CheckpointManager(tmp_path / "run", max_to_keep=None, async_save=True)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with CheckpointHook(manager, model=model, optimizer=opt, every_n_steps=2) as hook:
+        for step in range(3):
+            _train_step(model, opt)
+            hook.after_step(step)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert hook.after_step(3) is True
+        assert CheckpointManager(tmp_path / "run").all_steps() == [1, 3]   # seen by a fresh reader: committed
+    manager.close()
+
+
 def test_signal_at_the_epoch_end_after_a_periodic_save_of_that_step_saves_once(manager):
     hook = CheckpointHook(manager, model=_model(), every_n_steps=2, save_on_signals=[signal.SIGTERM])
     assert hook.after_step(0) is False

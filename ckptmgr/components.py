@@ -217,7 +217,8 @@ def write_rank_files(root: str, prefix: str, snap: Mapping[str, Any], rank: int,
     """
     jobs: Dict[str, Any] = {}
     if rank == 0:
-        jobs["model"] = lambda: write_model(root, *snap["model"], storage_options, prefix=prefix)
+        if snap.get("model") is not None:  # a sharded save writes the model through DCP instead
+            jobs["model"] = lambda: write_model(root, *snap["model"], storage_options, prefix=prefix)
         for comp in COMPONENTS:
             if snap.get(comp) is not None:
                 jobs[comp] = functools.partial(write_component, root, comp, snap[comp], storage_options,
@@ -267,9 +268,13 @@ def read_step(directory: str, step: int, rank: int, verify: bool = True, map_loc
         raise CorruptCheckpointError(f"{uri}: the manifest records step {manifest.step}")
     check_sizes(manifest, storage.list_files(uri, storage_options), uri)
     into = into or {}
+    sharded = "sharded" in manifest.components
+    if sharded:  # model and optimizer are DCP files that every rank loads later: check them now
+        from .sharded import check_files
+        check_files(uri, manifest, check_all and verify, storage_options)
     out: Dict[str, Any] = {"manifest": manifest,
-                           "model": read_model(uri, manifest, verify, map_location, storage_options,
-                                               into=into.get("model"))}
+                           "model": None if sharded else read_model(uri, manifest, verify, map_location,
+                                                                    storage_options, into=into.get("model"))}
     for comp in COMPONENTS:
         name = manifest.file_for(comp)
         out[comp] = None if name is None else read_component(uri, manifest, name, verify, map_location,
@@ -299,7 +304,11 @@ def load_weights(step_uri: str, step: int, map_location: MapLocation = None,
                                       "load another step; `ckptmgr ls DIR` lists committed ones") from None
     if manifest.step != step:
         raise CorruptCheckpointError(f"{step_uri}: the manifest records step {manifest.step}")
-    weights, module_meta = read_model(step_uri, manifest, True, map_location, storage_options)
+    if "sharded" in manifest.components:  # DCP shards: consolidated in this process
+        from .sharded import consolidate
+        weights, module_meta = consolidate(step_uri, storage_options), {}
+    else:
+        weights, module_meta = read_model(step_uri, manifest, True, map_location, storage_options)
     name = manifest.file_for("meta")
     meta = read_component(step_uri, manifest, name, True, None, storage_options) if name else {}
     if module_meta:

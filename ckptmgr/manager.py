@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from torch import nn
 
 from . import components, dist, state, stepdir, storage
+from . import sharded as shards
 from .agreement import agree
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, DistributedError
 from .faults import fault_point
@@ -106,6 +107,14 @@ class CheckpointManager:
             torch.distributed the constructor is then a collective (it creates a
             private gloo group for the background agreement).
         storage_options: fsspec options (credentials, endpoint) for URLs.
+        sharded: ``'auto'`` (default): a model whose parameters are DTensors
+            (FSDP2 ``fully_shard``, tensor parallel) is saved sharded; True:
+            always; False: never. Sharded saves write model and optimizer state
+            from every rank with torch.distributed.checkpoint (see
+            :mod:`ckptmgr.sharded`), inside the same commit protocol; restore
+            reshards to any number of ranks. Its metadata is a pickle, checked
+            against the manifest before it is read: sharded checkpoints are only
+            as trustworthy as their source.
 
     Raises:
         ValueError: an argument is out of range (see :func:`ckptmgr.retention.build_policy`).
@@ -113,7 +122,8 @@ class CheckpointManager:
 
     def __init__(self, directory: Any, max_to_keep: Optional[int] = 5, keep_every_n_steps: Optional[int] = None,
                  best_metric: Optional[str] = None, best_mode: str = "min", keep_best: int = 0,
-                 async_save: bool = False, storage_options: Optional[Dict[str, Any]] = None) -> None:
+                 async_save: bool = False, storage_options: Optional[Dict[str, Any]] = None,
+                 sharded: Any = "auto") -> None:
         directory = os.fspath(directory)
         if storage.is_local(directory):
             directory = os.path.abspath(storage.local_path(directory))
@@ -128,6 +138,8 @@ class CheckpointManager:
         self.index = StepIndex(directory, storage_options)
         self._index_lock = threading.RLock()  # the background writer updates the index too
         self._staging = StagingBuffers()
+        self.sharded = shards.check_setting(sharded)
+        self._dcp_staging = shards.Stager()
         self._writer = BackgroundWriter(name=f"ckptmgr-writer:{os.path.basename(directory) or directory}")
         # A background save agrees with the other ranks while the training loop runs its
         # own collectives. Two threads must never share a process group, so async saves
@@ -216,6 +228,9 @@ class CheckpointManager:
                           stage: bool) -> Tuple[Dict[str, Any], Optional[Exception]]:
         """Gather this rank's state; an error is returned, not raised, so every rank can learn of it."""
         try:
+            if shards.use_sharded(self.sharded, args["model"]):  # model and optimizer through DCP, every rank
+                snapshot = shards.collect(step, **args)
+                return (self._dcp_staging.stage(snapshot, self._staging) if stage else snapshot), None
             snapshot = self._collect(step, **args)
             if stage:  # async: copy into reused CPU buffers; the training loop may change the originals now
                 snapshot = self._staging.stage_tree(snapshot)
@@ -275,6 +290,8 @@ class CheckpointManager:
 
             def write() -> Dict[str, Any]:
                 fault_point("save.write")
+                if "dcp" in snapshot:  # sharded: dcp.save on every rank (a collective on group), then the rest
+                    return shards.write_rank_files(plan, snapshot, rank, self.storage_options, group)
                 return components.write_rank_files(plan.root, plan.prefix, snapshot, rank, self.storage_options)
             written = agree(f"{what} (write)", write, group)
             manifest: List[Manifest] = []
@@ -392,8 +409,14 @@ class CheckpointManager:
         else:
             agree(f"{what} (read)", lambda: None)
         values: Dict[str, Any] = {}
-        agree(f"{what} (apply)", lambda: values.update(state.apply_loaded(loaded, model, optimizer, scheduler,
-                                                                          scaler, extra, strict)))
+        if shards.is_sharded(loaded["manifest"]):
+            # DCP loads on every rank (a collective), resharding to this job's layout
+            agree(f"{what} (apply)", lambda: values.update(shards.apply_loaded(
+                loaded, self._step_uri(chosen), model, optimizer, scheduler, scaler, extra, strict,
+                self.storage_options)))
+        else:
+            agree(f"{what} (apply)", lambda: values.update(state.apply_loaded(loaded, model, optimizer, scheduler,
+                                                                              scaler, extra, strict)))
         self._restored_step = chosen
         manifest: Manifest = loaded["manifest"]
         return RestoredCheckpoint(step=chosen, extra=values, meta=state.plain(loaded.get("meta") or {}),
@@ -447,6 +470,7 @@ class CheckpointManager:
         finally:
             self._closed = True
             self._staging.release()
+            self._dcp_staging.release()
             self._owner.release()
 
     def __enter__(self) -> "CheckpointManager":

@@ -22,7 +22,8 @@ def test_run_all_quick_produces_every_figure(tmp_path):
     for key, bench, *_ in run_all.FIGURES:
         value = data[bench][key]
         assert isinstance(value, float), (key, value)
-        assert value >= 0 if "growth" in key else value > 0, (key, value)  # growth may truly be zero
+        # memory figures may truly be zero at these sizes (in-place loads, reused buffers); times never are
+        assert value >= 0 if key.startswith("M5") else value > 0, (key, value)
     for bench in {b for _, b, *_ in run_all.FIGURES}:
         assert data[bench]["machine"]["torch"], bench
     table = proc.stdout

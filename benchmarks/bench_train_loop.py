@@ -57,8 +57,8 @@ def run(state_mib: float, repeats: int, scratch: str, steps: int, every: int, ba
 
 def main(argv=None) -> dict:
     parser = base_parser(__doc__)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args(argv)
     scratch = tempfile.mkdtemp(prefix="ckptmgr-bench-loop-", dir=args.dir)

@@ -14,7 +14,7 @@ __all__ = [
     "CorruptCheckpointError", "ChecksumError", "UnsafeCheckpointError",
     "KeyMismatchError", "CheckpointFormatError", "UnknownSchemeError",
     "MissingDependencyError", "StorageError", "DownloadError",
-    "DistributedError", "UnserializableStateError",
+    "DistributedError", "UnserializableStateError", "DirectoryInUseError",
 ]
 
 
@@ -116,3 +116,10 @@ class UnserializableStateError(CheckpointError, TypeError):
 
     default_hint = ("store plain Python values, tensors or numpy arrays, or give the object "
                     "state_dict()/load_state_dict() methods")
+
+
+class DirectoryInUseError(CheckpointError, RuntimeError):
+    """Another job (another CheckpointManager) is saving into the same directory."""
+
+    default_hint = ("two jobs must not save into one directory: stop the other job, or give this one its own "
+                    "directory")

@@ -27,6 +27,7 @@ from typing import Any, Dict, Iterable, List, Optional
 from . import storage
 from .components import probe
 from .errors import CheckpointExistsError, StorageError
+from .faults import fault_point
 from .manifest import MANIFEST_NAME, Manifest, is_temp_name, old_name, parse_old_name, step_name, temp_name
 
 logger = logging.getLogger(__name__)
@@ -110,9 +111,11 @@ def commit(plan: WritePlan, manifest: Manifest, storage_options: Options = None)
         raise StorageError(f"{', '.join(unseen)} written for step {manifest.step} are not visible in {plan.root}",
                            "every rank must see the same directory: use a filesystem shared by all nodes "
                            "or an object store URL")
+    fault_point("save.before_manifest")
     if plan.mode == "remote":
         with storage.atomic_write(storage.join(plan.final, MANIFEST_NAME), storage_options) as fh:
             fh.write(manifest.to_bytes())
+        fault_point("save.after_manifest")  # on an object store the manifest PUT is the commit
         if plan.replace:  # the old revision's objects are unreferenced now
             keep = set(manifest.files) | {MANIFEST_NAME}
             for name in storage.list_files(plan.final, storage_options):
@@ -121,6 +124,7 @@ def commit(plan: WritePlan, manifest: Manifest, storage_options: Options = None)
         return
     with storage.atomic_write(storage.join(plan.write_dir, MANIFEST_NAME)) as fh:
         fh.write(manifest.to_bytes())
+    fault_point("save.after_manifest")  # durable manifest, still under the temporary name
     if not plan.replace:
         storage.rename_dir(plan.write_dir, plan.final)
         return
@@ -158,10 +162,12 @@ def delete_step(directory: str, step: int, storage_options: Options = None) -> N
     if storage.is_local(directory):
         trash = storage.join(directory, temp_name(step))
         storage.rename_dir(final, trash)
+        fault_point("retention.after_uncommit")
         storage.remove(storage.join(trash, MANIFEST_NAME))
         storage.remove(trash, recursive=True)
         return
     storage.remove(storage.join(final, MANIFEST_NAME), storage_options=storage_options)
+    fault_point("retention.after_uncommit")
     storage.remove(final, recursive=True, storage_options=storage_options)
 
 

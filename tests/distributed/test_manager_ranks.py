@@ -79,7 +79,7 @@ def _worker(rank, world, directory):
     if rank == 0:
         with storage.open_read(storage.join(path, "manifest.json")) as fh:
             manifest = json.loads(fh.read())
-        out["names"] = storage.listdir(directory)
+        out["names"] = [n for n in storage.listdir(directory) if not n.startswith(".ckptmgr")]
         out["files"] = sorted(storage.list_files(path))
         out["manifest"] = {"world_size": manifest["world_size"], "rng": manifest["components"]["rng"]}
 
@@ -99,7 +99,7 @@ def _worker(rank, world, directory):
     out["exists"] = _attempt(lambda: mgr.save(1, model=model))
     dist.barrier(timeout=30)
     out["steps_after_failures"] = mgr.all_steps()
-    out["names_after_failures"] = storage.listdir(directory)
+    out["names_after_failures"] = [n for n in storage.listdir(directory) if not n.startswith(".ckptmgr")]
     dist.barrier(timeout=30)
     mgr.save(4, model=model, optimizer=opt)
     out["steps_final"] = mgr.all_steps()
@@ -177,7 +177,8 @@ def _rank_dies_mid_save(rank, world, directory):
     try:
         mgr.save(2, model=ConvNet(), optimizer=torch.optim.SGD(ConvNet().parameters(), lr=0.1))
     except Exception as exc:
-        return type(exc).__name__, round(time.monotonic() - start, 1), mgr.all_steps(), sorted(os.listdir(directory))
+        names = sorted(n for n in os.listdir(directory) if not n.startswith(".ckptmgr"))  # less ownership files
+        return type(exc).__name__, round(time.monotonic() - start, 1), mgr.all_steps(), names
     return "saved"
 
 

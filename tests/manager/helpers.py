@@ -30,6 +30,11 @@ def assert_same(a: Any, b: Any, path: str = "root") -> None:
         assert type(a) is type(b) and a == b, f"{path}: {a!r} vs {b!r}"
 
 
+def entries(directory: str) -> list:
+    """Sorted names in ``directory``, less the manager's ownership files (``.ckptmgr.lock``, ``.ckptmgr-owner.json``)."""
+    return sorted(n for n in os.listdir(directory) if not n.startswith(".ckptmgr"))
+
+
 def tmp_names(directory: str) -> list:
     """Names in ``directory`` that look like the manager's temporary directories."""
     return sorted(n for n in os.listdir(directory) if n.startswith((".tmp-", ".old-")))

@@ -11,7 +11,7 @@ from ckptmgr import (CheckpointError, CheckpointExistsError, CheckpointManager, 
                      UnserializableStateError, storage)
 from ckptmgr.manifest import FileEntry, Manifest
 from tests.conftest import ConvNet
-from tests.manager.helpers import assert_same, tmp_names
+from tests.manager.helpers import assert_same, entries, tmp_names
 
 
 def _fill(model, value):
@@ -58,7 +58,7 @@ def test_saving_a_committed_step_needs_force(ckpt_dir, convnet):
     mgr.save(1, model=_fill(convnet, 3.0), force=True)
     mgr.restore(model=fresh)
     assert _weights_value(fresh) == 3.0
-    assert tmp_names(ckpt_dir) == [] and os.listdir(ckpt_dir) == ["step_00000001"]
+    assert tmp_names(ckpt_dir) == [] and entries(ckpt_dir) == ["step_00000001"]
 
 
 def test_force_without_atomic_exchange_and_recovery(ckpt_dir, convnet, monkeypatch):
@@ -94,7 +94,7 @@ def test_leftovers_of_crashed_saves_are_cleaned_and_nothing_else(ckpt_dir, convn
         with open(os.path.join(ckpt_dir, name), "w") as fh:
             fh.write("keep me")
     mgr.save(2, model=convnet)
-    left = set(os.listdir(ckpt_dir))
+    left = set(entries(ckpt_dir))
     assert not left & set(ours)
     assert left == set(foreign_dirs) | set(foreign_files) | {"step_00000001", "step_00000002"}
 
@@ -107,7 +107,7 @@ def test_max_to_keep_three_over_ten_saves_keeps_foreign_files(ckpt_dir, convnet)
     for step in range(1, 11):
         mgr.save(step, model=convnet)
     assert mgr.all_steps() == [8, 9, 10]
-    assert sorted(os.listdir(ckpt_dir)) == ["logs", "notes.txt", "step_00000008", "step_00000009", "step_00000010"]
+    assert entries(ckpt_dir) == ["logs", "notes.txt", "step_00000008", "step_00000009", "step_00000010"]
 
 
 def test_keep_every_and_keep_best_combine(ckpt_dir, convnet):
@@ -144,6 +144,7 @@ def test_listing_reads_each_manifest_once_per_manager(ckpt_dir, convnet):
         assert mgr.index.manifest_reads == 1000
     assert mgr.latest_step() == 1004 and mgr.best_step() == 0 and len(mgr.all_steps()) == 1005
     assert mgr.index.manifest_reads == 1000
+    mgr.close()  # one writer per directory: the second manager saves once the first is closed
     mgr2 = CheckpointManager(ckpt_dir, max_to_keep=5)
     mgr2.save(1005, model=convnet)
     assert mgr2.all_steps() == [1001, 1002, 1003, 1004, 1005] and mgr2.index.manifest_reads == 1005
@@ -165,7 +166,7 @@ def test_failed_save_commits_nothing_and_leaves_no_temp(ckpt_dir, convnet):
         mgr.save(2, model=convnet, extra={"fn": print})
     with pytest.raises(UnserializableStateError):
         mgr.save(2, model=convnet, extra={"t": torch.zeros(2, layout=torch.sparse_coo)})   # fails mid-write
-    assert mgr.all_steps() == [1] and tmp_names(ckpt_dir) == [] and os.listdir(ckpt_dir) == ["step_00000001"]
+    assert mgr.all_steps() == [1] and tmp_names(ckpt_dir) == [] and entries(ckpt_dir) == ["step_00000001"]
 
 
 def test_write_failure_after_some_files_leaves_nothing(ckpt_dir, convnet, monkeypatch):
@@ -182,7 +183,7 @@ def test_write_failure_after_some_files_leaves_nothing(ckpt_dir, convnet, monkey
     mgr = CheckpointManager(ckpt_dir)
     with pytest.raises(OSError, match="No space"):
         mgr.save(1, model=convnet, extra={"epoch": 1})
-    assert "extra" in calls and mgr.all_steps() == [] and os.listdir(ckpt_dir) == []
+    assert "extra" in calls and mgr.all_steps() == [] and entries(ckpt_dir) == []
 
 
 def test_restore_explicit_steps(ckpt_dir, convnet):

@@ -23,7 +23,6 @@ import torch
 
 from . import storage
 from .faults import fault_point
-from .faults import fault_point
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
 from .manifest import (MANIFEST_NAME, FileEntry, HashingReader, HashingWriter, Manifest, check_sizes, compare,
                        step_name, verify_file)

@@ -25,10 +25,8 @@ from . import sharded as shards
 from .agreement import agree
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, DistributedError
 from .faults import fault_point
-from .faults import fault_point
 from .index import StepIndex
 from .manifest import FileEntry, Manifest, parse_step_name, step_name
-from .ownership import DirectoryOwner
 from .ownership import DirectoryOwner
 from .retention import best_of, build_policy, steps_to_delete
 from .serialization import MapLocation
@@ -344,7 +342,6 @@ class CheckpointManager:
                 self.index.discard(step)
             logger.info("retention deleted checkpoint step %d", step)
             fault_point("retention.between_deletes")
-            fault_point("retention.between_deletes")
 
     # ------------------------------------------------------------------ restore
 
@@ -473,7 +470,6 @@ class CheckpointManager:
         finally:
             self._closed = True
             self._staging.release()
-            self._owner.release()
             self._dcp_staging.release()
             self._owner.release()
 

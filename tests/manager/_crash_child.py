@@ -4,7 +4,7 @@ Starting Python and importing torch takes seconds; the crash test needs
 dozens of processes to kill. So one zygote process imports everything once
 (and runs no torch ops, so forking it is safe), then forks a saver per request:
 
-    stdin  <- {"directory": ..., "log": ..., "mode": "steps"|"force", "value": N}
+    stdin  <- {"directory": ..., "log": ..., "mode": "steps"|"force", "value": N, "env": {...}}
     stdout -> PID          (the saver's pid; the test kills it with SIGKILL)
     stdin  <- "wait PID"
     stdout -> "reaped PID"  (the saver is gone; the directory will not change any more)
@@ -78,6 +78,7 @@ def zygote() -> None:
         job = json.loads(line)
         pid = os.fork()
         if pid == 0:
+            os.environ.update(job.get("env", {}))  # e.g. CKPTMGR_FAULT_POINT: die at a named instant
             try:
                 save_forever(job["directory"], job["log"], job["mode"], job["value"], job.get("async", False))
             except BaseException as exc:  # report, never fall back into the zygote's loop

@@ -21,6 +21,7 @@ load with ``safetensors.torch.load_file`` and vice versa (tested).
 from __future__ import annotations
 
 import base64
+import errno
 import io
 import json
 import math
@@ -375,7 +376,8 @@ def load_torch(fileobj: IO[bytes], map_location: MapLocation = None, trust_pickl
         raise CorruptCheckpointError(f"{source} is not a valid torch checkpoint: {_first_reason(text)}") from exc
     except (RuntimeError, EOFError, KeyError, ValueError, IndexError, OSError, struct.error,
             UnicodeDecodeError, AttributeError, TypeError, OverflowError, MemoryError) as exc:
-        if isinstance(exc, OSError) and not isinstance(exc, EOFError) and exc.errno is not None:
+        # A real I/O error propagates; EINVAL is a seek to an offset a damaged zip directory made up.
+        if isinstance(exc, OSError) and not isinstance(exc, EOFError) and exc.errno not in (None, errno.EINVAL):
             raise
         raise CorruptCheckpointError(
             f"{source} could not be read as a torch checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from exc

@@ -24,10 +24,12 @@ import tempfile
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 from . import storage
-from .errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError, UnsafeCheckpointError
+from .errors import (CheckpointError, CheckpointExistsError, CheckpointNotFoundError, DirectoryInUseError,
+                     UnsafeCheckpointError)
 from .inventory import (describe_checkpoint, is_step_dir, jsonable, kept_by, load_weights_and_meta,
                         scan_directory, verify)
 from .manifest import HashingReader
+from .ownership import DirectoryOwner
 
 logger = logging.getLogger(__name__)
 
@@ -292,14 +294,24 @@ def cmd_prune(args: argparse.Namespace) -> int:
     committed = [e for e in entries if e.status == "committed"]
     doomed = steps_to_delete([CheckpointInfo(e.step, e.manifest.metrics) for e in committed], policy)
     deleted, failed = [], []
-    for step in doomed:
-        if args.dry_run:
-            continue
+    owner = None
+    if doomed and not args.dry_run and storage.is_local(directory):
+        owner = DirectoryOwner(directory)     # the lock a saving job holds: never prune under a live job
         try:
-            stepdir.delete_step(directory, step)    # uncommit first, then delete: never a partial committed step
-            deleted.append(step)
-        except (CheckpointError, OSError) as exc:
-            failed.append(f"step {step}: {exc}")
+            owner.claim()
+        except DirectoryInUseError as exc:
+            raise DirectoryInUseError(f"not pruning: {exc.message}", "the job's own retention (max_to_keep) "
+                                      "prunes it; run prune after the job stops") from None
+    try:
+        for step in doomed if not args.dry_run else ():
+            try:
+                stepdir.delete_step(directory, step)    # uncommit first, then delete: never a partial committed step
+                deleted.append(step)
+            except (CheckpointError, OSError) as exc:
+                failed.append(f"step {step}: {exc}")
+    finally:
+        if owner is not None:
+            owner.release()
     kept = [e.step for e in committed if e.step not in doomed]
     skipped = [e.name for e in entries if e.status != "committed"]
     if args.json:
@@ -389,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst_dir", metavar="DST_DIR")
     p.add_argument("--name", help="file name stem (default: from SRC)")
     p = add("prune", cmd_prune, "delete committed checkpoints that a retention policy drops (never touches other "
-                                "files; do not run it while a job with a smaller --keep writes to DIR)")
+                                "files; refuses a local DIR a job is saving into; on object stores, do not run "
+                                "it while a job with a smaller --keep writes to DIR)")
     p.add_argument("path", metavar="DIR")
     _retention_flags(p, keep_required=True)
     p.add_argument("--dry-run", action="store_true", help="only say what would be deleted")

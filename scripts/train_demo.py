@@ -164,10 +164,11 @@ def run_job(command: List[str], kill_at: Optional[int] = None, timeout: float = 
 def _clear(directory: str) -> None:
     """Remove a previous demo's checkpoints; refuse to touch a directory holding anything else."""
     from ckptmgr.manifest import is_temp_name, parse_old_name, parse_step_name
+    from ckptmgr.ownership import LOCK_NAME, OWNER_NAME
     if not os.path.isdir(directory):
         return
-    foreign = [n for n in os.listdir(directory)
-               if parse_step_name(n) is None and not is_temp_name(n) and parse_old_name(n) is None]
+    foreign = [n for n in os.listdir(directory) if parse_step_name(n) is None and not is_temp_name(n)
+               and parse_old_name(n) is None and n not in (LOCK_NAME, OWNER_NAME)]
     if foreign:
         raise SystemExit(f"{directory} holds files that are not checkpoints ({', '.join(foreign[:3])}); "
                          "pass an empty or new directory with --dir")

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import ckptmgr
 from ckptmgr.cache import hash_prefix
+from ckptmgr.ownership import LOCK_NAME, OWNER_NAME
 from tests.cli.conftest import flip_byte, small_model, tree
 from tests.cli.test_read_only import _add_incomplete_entries, _pickle_bomb
 
@@ -121,8 +122,9 @@ def test_prune_dry_run_changes_nothing(ckptmgr_cli, run_dir):
 
 def test_prune_applies_retention_and_never_touches_foreign_or_uncommitted_entries(ckptmgr_cli, run_dir):
     _add_incomplete_entries(run_dir)
-    untouched = {k: v for k, v in tree(run_dir).items()
-                 if not k.startswith(("step_00000010", "step_00000020", "step_00000030", "step_00000040"))}
+    untouched = {k: v for k, v in tree(run_dir).items()   # all but the steps and prune's own writer lock
+                 if not k.startswith(("step_00000010", "step_00000020", "step_00000030", "step_00000040",
+                                      LOCK_NAME, OWNER_NAME))}
     untouched.pop(".")
     result = ckptmgr_cli("prune", run_dir, "--keep", "1", "--best-metric", "loss", "--keep-best", "1", "--json")
     assert result.code == 0, result
@@ -132,6 +134,17 @@ def test_prune_applies_retention_and_never_touches_foreign_or_uncommitted_entrie
     assert all(after.get(k) == v for k, v in untouched.items())          # byte for byte, mtime for mtime
     assert ckptmgr.CheckpointManager(run_dir).all_steps() == [20, 40]
     assert not [n for n in os.listdir(run_dir) if n.startswith(".tmp-") and "a" * 32 not in n]   # no trash left
+
+
+def test_prune_refuses_a_directory_a_job_is_saving_into(ckptmgr_cli, run_dir):
+    with ckptmgr.CheckpointManager(run_dir, max_to_keep=None) as job:
+        job.save(50, model=small_model())
+        before = tree(run_dir)
+        result = ckptmgr_cli("prune", run_dir, "--keep", "1")
+        assert result.code == 1 and "not pruning" in result.err and "in use" in result.err
+        assert tree(run_dir) == before
+    assert ckptmgr_cli("prune", run_dir, "--keep", "1").code == 0
+    assert ckptmgr.CheckpointManager(run_dir).all_steps() == [50]
 
 
 def test_prune_keep_every_and_usage_errors(ckptmgr_cli, run_dir, tmp_path):

@@ -96,6 +96,7 @@ def _read(step_uri: str, manifest: Manifest, name: str, verify: bool, parse: Any
     want = manifest.files.get(name)
     if want is None:
         raise CorruptCheckpointError(f"{source}: the manifest names {name} as a component but has no entry for it")
+    _inside(step_uri, name)
 
     def check(got: FileEntry) -> None:
         compare(name, got if verify else FileEntry(got.size, want.sha256), want, source)
@@ -112,6 +113,16 @@ def _read(step_uri: str, manifest: Manifest, name: str, verify: bool, parse: Any
     except FileNotFoundError as exc:
         raise CorruptCheckpointError(f"{source}: {name} is listed in the manifest but missing") from exc
     return value
+
+
+def _inside(step_uri: str, name: str) -> None:
+    """Refuse a local file that resolves (through a symlink) outside its step directory."""
+    if not storage.is_local(step_uri):
+        return
+    root = os.path.realpath(storage.local_path(step_uri))
+    if not os.path.realpath(os.path.join(root, name)).startswith(root + os.sep):
+        raise CorruptCheckpointError(f"{step_uri}: {name} resolves outside the checkpoint directory; refusing to "
+                                     "read it", "a step directory holds only its own files: remove the link")
 
 
 def _parse_json(reader: HashingReader, size: int) -> Any:
@@ -285,6 +296,7 @@ def read_step(directory: str, step: int, rank: int, verify: bool = True, map_loc
         for other in range(manifest.world_size):
             name = manifest.rng_file(other)
             if other != rank and name is not None:
+                _inside(uri, name)
                 verify_file(storage.join(uri, name), name, manifest.files[name], uri, storage_options)
     return out
 

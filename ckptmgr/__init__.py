@@ -6,7 +6,7 @@ from .cache import cached_path
 from .checkpoint import load_checkpoint, load_checkpoint_with_prefix, save_checkpoint
 from .dist import rank_zero_first
 from .errors import (CheckpointError, CheckpointExistsError, CheckpointFormatError, CheckpointNotFoundError,
-                     ChecksumError, CorruptCheckpointError, DistributedError, DownloadError, KeyMismatchError,
+                     ChecksumError, CorruptCheckpointError, DirectoryInUseError, DistributedError, DownloadError, KeyMismatchError,
                      MissingDependencyError, StorageError, UnknownSchemeError, UnsafeCheckpointError,
                      UnserializableStateError)
 from .hooks import CheckpointHook
@@ -26,5 +26,5 @@ __all__ = [
     "CheckpointError", "CheckpointNotFoundError", "CheckpointExistsError", "CorruptCheckpointError",
     "ChecksumError", "UnsafeCheckpointError", "KeyMismatchError", "CheckpointFormatError",
     "UnknownSchemeError", "MissingDependencyError", "StorageError", "DownloadError", "DistributedError",
-    "UnserializableStateError",
+    "UnserializableStateError", "DirectoryInUseError",
 ]

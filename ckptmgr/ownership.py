@@ -30,7 +30,7 @@ import uuid
 from typing import Any, Dict, Optional
 
 from . import storage
-from .errors import DirectoryInUseError
+from .errors import CheckpointError, DirectoryInUseError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +59,18 @@ class DirectoryOwner:
         return {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
 
     def _read_owner(self) -> Optional[Dict[str, Any]]:
+        uri = storage.join(self.directory, OWNER_NAME)
         try:
-            with storage.open_read(storage.join(self.directory, OWNER_NAME), self.storage_options) as fh:
+            with storage.open_read(uri, self.storage_options) as fh:
                 record = json.loads(fh.read().decode("utf-8"))
             return record if isinstance(record, dict) else None
-        except (OSError, ValueError):  # missing or torn: nobody we can name
+        except (FileNotFoundError, ValueError):  # missing or torn: nobody we can name
             return None
+        except CheckpointError:
+            raise
+        except Exception as exc:  # network failures after the client's retries
+            raise StorageError(f"reading {uri} failed: {type(exc).__name__}: {exc}",
+                               "check the network and the endpoint of the checkpoint directory") from exc
 
     def _write_owner(self) -> None:
         with storage.atomic_write(storage.join(self.directory, OWNER_NAME), self.storage_options) as fh:
@@ -118,7 +124,13 @@ class DirectoryOwner:
         """
         if not self._claimed or self._lock is not None:
             return
-        record = self._read_owner()
+        record = None
+        for _ in range(3):  # a flaky network reads as "no lease"; only a readable foreign token is a takeover
+            record = self._read_owner()
+            if record and record.get("token") == self.token:
+                return
+            if record:
+                break
         if not record or record.get("token") != self.token:
             raise DirectoryInUseError(f"{self.directory} was taken over by {self._describe(record)}; "
                                       "this job's save is not committed",

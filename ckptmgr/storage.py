@@ -21,7 +21,7 @@ import tempfile
 import uuid
 from typing import IO, Any, Dict, Iterator, List, Optional, Tuple
 
-from .errors import CheckpointNotFoundError, MissingDependencyError, StorageError
+from .errors import CheckpointError, CheckpointNotFoundError, MissingDependencyError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ def get_fs(uri: str, storage_options: Optional[Dict[str, Any]] = None) -> Tuple[
     options = dict(storage_options or {})
     if protocol in ("s3", "s3a"):
         _s3_endpoint_from_env(options)
+        _s3_retry_defaults(options)
     try:
         return fsspec.core.url_to_fs(uri, **options)
     except ImportError as exc:
@@ -82,6 +83,18 @@ def _s3_endpoint_from_env(options: Dict[str, Any]) -> None:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint and "endpoint_url" not in options and "endpoint_url" not in options.get("client_kwargs", {}):
         options["endpoint_url"] = endpoint
+
+
+S3_RETRIES = {"max_attempts": 5, "mode": "standard"}
+
+
+def _s3_retry_defaults(options: Dict[str, Any]) -> None:
+    # botocore's default ("legacy", 5 attempts) does not back off on every throttling answer;
+    # "standard" retries 503 SlowDown, resets and timeouts with jittered back-off. A caller's
+    # config_kwargs={'retries': {...}} wins.
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("retries", dict(S3_RETRIES))
+    options["config_kwargs"] = config
 
 
 def is_local(uri: str) -> bool:
@@ -137,6 +150,15 @@ def _storage_error(uri: str, exc: OSError) -> StorageError:
     return StorageError(f"writing {uri} failed: {exc}")
 
 
+def _remote_error(uri: str, exc: Exception) -> StorageError:
+    """A typed error for what an object store's client raised after its own retries (network, throttling)."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return _storage_error(uri, exc)
+    return StorageError(f"writing {uri} failed after the client's retries: {type(exc).__name__}: {exc}",
+                        "check the network and the endpoint; raise retries with storage_options="
+                        "{'config_kwargs': {'retries': {'max_attempts': N, 'mode': 'standard'}}}")
+
+
 @contextlib.contextmanager
 def atomic_write(uri: str, storage_options: Optional[Dict[str, Any]] = None) -> Iterator[IO[bytes]]:
     """Open ``uri`` for writing so the file appears complete or not at all.
@@ -157,17 +179,22 @@ def atomic_write(uri: str, storage_options: Optional[Dict[str, Any]] = None) -> 
     if protocol not in OBJECT_STORES and parent:
         fs.makedirs(parent, exist_ok=True)
     if protocol in OBJECT_STORES:
-        fh = fs.open(path, "wb", autocommit=False)
+        try:
+            fh = fs.open(path, "wb", autocommit=False)
+        except Exception as exc:
+            raise _remote_error(uri, exc) from exc
         try:
             yield fh
             fh.close()
             fh.commit()
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(Exception):
                 fh.discard()
             # fsspec files close themselves when garbage-collected, and closing a
             # discarded upload would start a new one; mark it closed instead.
             fh.closed = True
+            if isinstance(exc, Exception) and not isinstance(exc, CheckpointError):
+                raise _remote_error(uri, exc) from exc
             raise
         return
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"

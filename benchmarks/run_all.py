@@ -38,6 +38,10 @@ FIGURES = [
     ("S3_save_vs_raw_put", "s3", "S3 save throughput / raw s3fs write", ">=", 0.9),
     ("S3_restore_vs_raw_get", "s3", "S3 restore throughput / raw s3fs read", ">=", 0.9),
     ("retention_scaling", "retention", "save time, 1000 checkpoints / 1 checkpoint", "<=", 1.2),
+    ("sharded_save_vs_unsharded_2r", "sharded", "sharded save throughput / unsharded rank-0 save, 2 ranks", "info", None),
+    ("sharded_load_vs_unsharded_2r", "sharded", "sharded restore throughput / unsharded restore, 2 ranks", "info", None),
+    ("sharded_save_vs_unsharded_4r", "sharded", "sharded save throughput / unsharded rank-0 save, 4 ranks", "info", None),
+    ("sharded_load_vs_unsharded_4r", "sharded", "sharded restore throughput / unsharded restore, 4 ranks", "info", None),
 ]
 
 
@@ -52,6 +56,7 @@ def plan(quick: bool):
             "memory": ("bench_memory.py", ["--state-mib", "16"]),
             "s3": ("bench_s3.py", ["--state-mib", "4", "--repeats", "2"]),
             "retention": ("bench_retention.py", ["--count", "40", "--repeats", "3"]),
+            "sharded": ("bench_sharded.py", ["--state-mib", "8", "--repeats", "2"]),
         }
     return {
         "save": ("bench_save.py", []),
@@ -60,6 +65,7 @@ def plan(quick: bool):
         "memory": ("bench_memory.py", []),
         "s3": ("bench_s3.py", []),
         "retention": ("bench_retention.py", []),
+        "sharded": ("bench_sharded.py", []),
     }
 
 

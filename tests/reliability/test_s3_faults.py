@@ -7,5 +7,5 @@ from tests.reliability.common import count
 
 @pytest.mark.timeout(300)
 def test_s3_through_a_faulty_network(moto_server, s3):
-    tally = s3_faults.run_s3_faults(moto_server, count("s3_rounds", 4), rate=0.1)
+    tally = s3_faults.run_s3_faults(moto_server, count("s3_rounds", 2), rate=0.1)
     tally.assert_all_ok()

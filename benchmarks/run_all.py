@@ -38,10 +38,14 @@ FIGURES = [
     ("S3_save_vs_raw_put", "s3", "S3 save throughput / raw s3fs write", ">=", 0.9),
     ("S3_restore_vs_raw_get", "s3", "S3 restore throughput / raw s3fs read", ">=", 0.9),
     ("retention_scaling", "retention", "save time, 1000 checkpoints / 1 checkpoint", "<=", 1.2),
-    ("sharded_save_vs_unsharded_2r", "sharded", "sharded save throughput / unsharded rank-0 save, 2 ranks", "info", None),
-    ("sharded_load_vs_unsharded_2r", "sharded", "sharded restore throughput / unsharded restore, 2 ranks", "info", None),
-    ("sharded_save_vs_unsharded_4r", "sharded", "sharded save throughput / unsharded rank-0 save, 4 ranks", "info", None),
-    ("sharded_load_vs_unsharded_4r", "sharded", "sharded restore throughput / unsharded restore, 4 ranks", "info", None),
+    ("sharded_save_vs_unsharded_2r", "sharded", "sharded save / unsharded rank-0 save (throughput), 2 ranks",
+     "info", None),
+    ("sharded_load_vs_unsharded_2r", "sharded", "sharded restore / unsharded restore (throughput), 2 ranks",
+     "info", None),
+    ("sharded_save_vs_unsharded_4r", "sharded", "sharded save / unsharded rank-0 save (throughput), 4 ranks",
+     "info", None),
+    ("sharded_load_vs_unsharded_4r", "sharded", "sharded restore / unsharded restore (throughput), 4 ranks",
+     "info", None),
 ]
 
 

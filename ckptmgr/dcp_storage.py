@@ -63,11 +63,22 @@ class _NamedMetadata:
         return self.fs.concat_path(self.path, name)  # type: ignore[attr-defined]
 
 
-class _LocalWriter(_NamedMetadata, FileSystemWriter):
+class _Recording(_NamedMetadata):
+    """Mixin for writers: remember the data files this rank wrote (no listing, which may be stale on S3)."""
+
+    written: tuple = ()
+
+    def write_data(self, plan: Any, planner: Any) -> Any:
+        future = super().write_data(plan, planner)  # type: ignore[misc]
+        self.written = tuple(sorted({result.storage_data.relative_path for result in future.wait()}))
+        return future
+
+
+class _LocalWriter(_Recording, FileSystemWriter):
     pass
 
 
-class _RemoteWriter(_NamedMetadata, FsspecWriter):
+class _RemoteWriter(_Recording, FsspecWriter):
     pass
 
 

@@ -165,17 +165,17 @@ def write_rank_files(plan: Any, snap: Mapping[str, Any], rank: int, storage_opti
     """
     import torch.distributed.checkpoint as dcp
     what = f"writing DCP shards into {plan.write_dir}"
+    out = writer(plan.write_dir, storage_options)
     try:
         with warnings.catch_warnings():  # one process without torch.distributed: DCP warns, we mean it
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save(snap["dcp"], storage_writer=writer(plan.write_dir, storage_options), process_group=group)
+            dcp.save(snap["dcp"], storage_writer=out, process_group=group)
     except BaseException as exc:  # CheckpointException is a BaseException; agreement catches Exception only
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
         raise translate(exc, what) from None
     reply = components.write_rank_files(plan.root, plan.prefix, snap, rank, storage_options)
-    present = storage.list_files(plan.write_dir, storage_options)
-    own = [n for n in present if is_data_file(n, rank)] + ([METADATA_NAME] if rank == 0 else [])
+    own = [n for n in out.written if is_data_file(n, rank)] + ([METADATA_NAME] if rank == 0 else [])
     for name, entry in hash_files(plan.write_dir, own, storage_options).items():
         reply["files"][plan.prefix + name] = [entry.size, entry.sha256]
     if rank == 0:

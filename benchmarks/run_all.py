@@ -37,7 +37,7 @@ FIGURES = [
     ("M6_async_commit_over_sync", "save", "M6 async call-to-committed / sync save time", "<=", 1.15),
     ("S3_save_vs_raw_put", "s3", "S3 save throughput / raw s3fs write", ">=", 0.9),
     ("S3_restore_vs_raw_get", "s3", "S3 restore throughput / raw s3fs read", ">=", 0.9),
-    ("retention_scaling", "retention", "save time, 1000 checkpoints / 1 checkpoint", "<=", 1.2),
+    ("retention_scaling", "retention", "retention: save time with 1000 checkpoints / with 1", "<=", 1.2),
     ("sharded_save_vs_unsharded_2r", "sharded", "sharded save / unsharded rank-0 save (throughput), 2 ranks",
      "info", None),
     ("sharded_load_vs_unsharded_2r", "sharded", "sharded restore / unsharded restore (throughput), 2 ranks",

@@ -150,6 +150,16 @@ def _storage_error(uri: str, exc: OSError) -> StorageError:
     return StorageError(f"writing {uri} failed: {exc}")
 
 
+_CLIENT_PACKAGES = {"botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "urllib3", "gcsfs", "adlfs"}
+
+
+def _from_client(exc: BaseException) -> bool:
+    """True for an error an object-store client raised (not the caller's, not already typed)."""
+    if isinstance(exc, CheckpointError) or not isinstance(exc, Exception):
+        return False
+    return type(exc).__module__.split(".")[0] in _CLIENT_PACKAGES or isinstance(exc, (OSError, TimeoutError))
+
+
 def _remote_error(uri: str, exc: Exception) -> StorageError:
     """A typed error for what an object store's client raised after its own retries (network, throttling)."""
     if isinstance(exc, OSError) and exc.errno is not None:
@@ -193,9 +203,9 @@ def atomic_write(uri: str, storage_options: Optional[Dict[str, Any]] = None) -> 
             # fsspec files close themselves when garbage-collected, and closing a
             # discarded upload would start a new one; mark it closed instead.
             fh.closed = True
-            if isinstance(exc, Exception) and not isinstance(exc, CheckpointError):
+            if _from_client(exc):
                 raise _remote_error(uri, exc) from exc
-            raise
+            raise  # the caller's own error (the body of the with-block) passes through unchanged
         return
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
     try:

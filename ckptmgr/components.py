@@ -283,13 +283,21 @@ def read_step(directory: str, step: int, rank: int, verify: bool = True, map_loc
     if sharded:  # model and optimizer are DCP files that every rank loads later: check them now
         from .sharded import check_files
         check_files(uri, manifest, check_all and verify, storage_options)
-    out: Dict[str, Any] = {"manifest": manifest,
-                           "model": None if sharded else read_model(uri, manifest, verify, map_location,
-                                                                    storage_options, into=into.get("model"))}
+    jobs: Dict[str, Any] = {}
+    if not sharded:
+        jobs["model"] = functools.partial(read_model, uri, manifest, verify, map_location, storage_options,
+                                          into=into.get("model"))
     for comp in COMPONENTS:
         name = manifest.file_for(comp)
-        out[comp] = None if name is None else read_component(uri, manifest, name, verify, map_location,
-                                                             storage_options, into=into.get(comp))
+        if name is not None:
+            jobs[comp] = functools.partial(read_component, uri, manifest, name, verify, map_location,
+                                           storage_options, into=into.get(comp))
+    # As on the write side: the files are independent, so read (and hash) them concurrently.
+    with ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="ckptmgr-read") as pool:
+        futures = {comp: pool.submit(job) for comp, job in jobs.items()}
+        out: Dict[str, Any] = {"manifest": manifest, "model": None}
+        out.update({comp: None for comp in COMPONENTS})
+        out.update({comp: future.result() for comp, future in futures.items()})
     name = manifest.rng_file(rank)
     out["rng"] = None if name is None else read_component(uri, manifest, name, verify, None, storage_options)
     if check_all and verify:

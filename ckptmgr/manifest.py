@@ -232,7 +232,9 @@ class HashingReader:
 
     def readinto(self, buf: Any) -> int:
         """Read into a writable buffer (at most one piece at a time, so hashing overlaps the next read)."""
-        view = memoryview(buf).cast("B")[:PIECE]
+        view = memoryview(buf).cast("B")
+        if self._sha is not None:
+            view = view[:PIECE]
         if hasattr(self._fh, "readinto"):
             n = self._fh.readinto(view) or 0
         else:

@@ -53,6 +53,7 @@ for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"),
     if hasattr(torch, _name):
         SAFETENSORS_DTYPES[getattr(torch, _name)] = _code
 _DTYPE_FROM_CODE = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
+_ITEMSIZE = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in SAFETENSORS_DTYPES}
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # what the safetensors reference reader also refuses past
 SKELETON_KEY = "ckptmgr.skeleton"
@@ -268,7 +269,7 @@ def _validate_entries(header: Dict[str, Any], data_size: Optional[int]) -> None:
             raise CorruptCheckpointError(f"safetensors entry '{name}' is malformed: {exc!r}") from exc
         if any(d < 0 for d in shape) or start < 0 or end < start:
             raise CorruptCheckpointError(f"safetensors entry '{name}' has negative sizes")
-        expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        expected = math.prod(shape) * _ITEMSIZE[dtype]
         if end - start != expected:
             raise CorruptCheckpointError(
                 f"safetensors entry '{name}' spans {end - start} bytes but shape {shape} needs {expected}")

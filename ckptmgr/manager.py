@@ -140,6 +140,7 @@ class CheckpointManager:
         self._staging = StagingBuffers()
         self.sharded = shards.check_setting(sharded)
         self._dcp_staging = shards.Stager()
+        self._reclaimer = BackgroundWriter(name="ckptmgr-reclaim")  # frees deleted steps' space
         self._writer = BackgroundWriter(name=f"ckptmgr-writer:{os.path.basename(directory) or directory}")
         # A background save agrees with the other ranks while the training loop runs its
         # own collectives. Two threads must never share a process group, so async saves
@@ -185,6 +186,11 @@ class CheckpointManager:
              metrics: Optional[Mapping[str, Any]] = None, meta: Optional[Mapping[str, Any]] = None,
              force: bool = False) -> str:
         """Write a checkpoint for ``step`` and commit it; then apply retention.
+
+        Retention uncommits the steps it drops before ``save`` returns (they
+        vanish from every listing at once); freeing their files' space runs in
+        the background and is finished by the next ``save``, :meth:`wait` or
+        :meth:`close`.
 
         Args:
             step: Training step (int >= 0); the directory is ``step_%08d``.
@@ -272,6 +278,7 @@ class CheckpointManager:
             fault_point("save.prepare")
             if rank != 0:
                 return {"step": step}
+            self._reclaimer.wait()  # the previous retention's deletes are finished before we list
             self._owner.claim()  # before cleaning: never tidy away another job's in-flight save
             with self._index_lock:
                 self.index.refresh()
@@ -332,9 +339,10 @@ class CheckpointManager:
         protected = {saved}
         if self._restored_step is not None and self._restored_step == max(known):
             protected.add(self._restored_step)
+        reclaims: List[Any] = []
         for step in steps_to_delete(list(known.values()), self.policy, protected):
             try:
-                stepdir.delete_step(self.directory, step, self.storage_options)
+                stepdir.delete_step(self.directory, step, self.storage_options, defer=reclaims.append)
             except Exception as exc:  # the new checkpoint is committed; deleting can wait
                 logger.warning("retention could not delete step %d: %s", step, exc)
                 continue
@@ -342,6 +350,10 @@ class CheckpointManager:
                 self.index.discard(step)
             logger.info("retention deleted checkpoint step %d", step)
             fault_point("retention.between_deletes")
+        if reclaims:
+            # The dropped steps are uncommitted already; freeing their blocks can happen
+            # after save() returns. The next save (and close) waits for it first.
+            self._reclaimer.submit(lambda: _reclaim_all(reclaims))
 
     # ------------------------------------------------------------------ restore
 
@@ -450,12 +462,13 @@ class CheckpointManager:
             raise CheckpointError("this CheckpointManager is closed", "create a new one")
 
     def wait(self) -> None:
-        """Block until the pending async save (if any) is committed and retention applied.
+        """Block until the pending async save (if any) is committed and retention has freed its space.
 
         Raises:
             CheckpointError, StorageError, DistributedError, ...: what the background save raised.
         """
         self._writer.wait()
+        self._reclaimer.wait()
 
     def close(self) -> None:
         """Wait for pending work and free the staging buffers; the manager cannot save or restore afterwards.
@@ -481,6 +494,15 @@ class CheckpointManager:
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.directory!r}, policy={self.policy})"
+
+
+def _reclaim_all(reclaims: List[Any]) -> None:
+    """Run deferred deletes; a failure is only logged (the next save cleans leftovers again)."""
+    for reclaim in reclaims:
+        try:
+            reclaim()
+        except Exception as exc:
+            logger.warning("could not free the space of a deleted checkpoint: %s", exc)
 
 
 def resume_from_latest(directory: Any, *, model: nn.Module, optimizer: Any = None, scheduler: Any = None,

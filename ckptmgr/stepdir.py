@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from . import storage
 from .components import probe
@@ -150,25 +150,42 @@ def abort(plan: WritePlan, storage_options: Options = None) -> None:
     _quietly(storage.remove, target, recursive=True, storage_options=storage_options)
 
 
-def delete_step(directory: str, step: int, storage_options: Options = None) -> None:
+def delete_step(directory: str, step: int, storage_options: Options = None,
+                defer: Optional[Callable[[Callable[[], None]], None]] = None) -> None:
     """Uncommit a step, then delete its files, so a crash midway never leaves a committed partial step.
 
     Locally the directory is first renamed to a temporary name (one atomic
     uncommit that takes the manifest with it; a crash leaves only a temp
     directory the next save removes); on object stores the manifest object is
     deleted first, then the rest.
+
+    Args:
+        directory: The manager directory.
+        step: The step to delete.
+        storage_options: fsspec options.
+        defer: Called with the function that removes the uncommitted files,
+            instead of running it here (freeing gigabytes of file blocks takes
+            a while; the step is already gone from every listing).
     """
     final = storage.join(directory, step_name(step))
     if storage.is_local(directory):
         trash = storage.join(directory, temp_name(step))
         storage.rename_dir(final, trash)
         fault_point("retention.after_uncommit")
-        storage.remove(storage.join(trash, MANIFEST_NAME))
-        storage.remove(trash, recursive=True)
-        return
-    storage.remove(storage.join(final, MANIFEST_NAME), storage_options=storage_options)
-    fault_point("retention.after_uncommit")
-    storage.remove(final, recursive=True, storage_options=storage_options)
+
+        def reclaim() -> None:
+            storage.remove(storage.join(trash, MANIFEST_NAME))
+            storage.remove(trash, recursive=True)
+    else:
+        storage.remove(storage.join(final, MANIFEST_NAME), storage_options=storage_options)
+        fault_point("retention.after_uncommit")
+
+        def reclaim() -> None:
+            storage.remove(final, recursive=True, storage_options=storage_options)
+    if defer is None:
+        reclaim()
+    else:
+        defer(reclaim)
 
 
 def clean_leftovers(directory: str, names: Iterable[str], uncommitted: Iterable[int] = (),

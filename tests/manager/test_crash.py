@@ -101,7 +101,8 @@ def test_kill_9_during_saves_never_loses_the_latest(tmp_path, zygote, async_save
         outcomes["temp_left"] += bool(leftovers[-1])
         latest = now
     model = _crash_child.make_model()
-    CheckpointManager(directory, max_to_keep=3).save((latest or 0) + 1, model=model)
+    with CheckpointManager(directory, max_to_keep=3) as mgr:  # close(): deferred deletes have finished
+        mgr.save((latest or 0) + 1, model=model)
     assert tmp_names(directory) == []
     assert outcomes["previous"] + outcomes["new"] > 0, outcomes
     print(f"\ncrash test ({'async' if async_save else 'sync'}): {kills} kills, outcomes {outcomes}")
@@ -130,6 +131,7 @@ def test_kill_9_during_forced_overwrites_keeps_old_or_new(tmp_path, zygote):
         assert value == weight and value in {previous, in_flight}, (value, events)
         outcomes["idle" if in_flight is None else "new" if value == in_flight else "previous"] += 1
         current = value
-    CheckpointManager(directory).save(2, model=_crash_child.make_model())
+    with CheckpointManager(directory) as mgr:
+        mgr.save(2, model=_crash_child.make_model())
     assert tmp_names(directory) == []
     print(f"\nforced-overwrite crash test: outcomes {outcomes}")

@@ -189,8 +189,7 @@ class CheckpointManager:
 
         Retention uncommits the steps it drops before ``save`` returns (they
         vanish from every listing at once); freeing their files' space runs in
-        the background and is finished by the next ``save``, :meth:`wait` or
-        :meth:`close`.
+        the background and is finished by the next ``save`` or :meth:`close`.
 
         Args:
             step: Training step (int >= 0); the directory is ``step_%08d``.
@@ -462,13 +461,15 @@ class CheckpointManager:
             raise CheckpointError("this CheckpointManager is closed", "create a new one")
 
     def wait(self) -> None:
-        """Block until the pending async save (if any) is committed and retention has freed its space.
+        """Block until the pending async save (if any) is committed and retention applied.
+
+        Space of the steps retention dropped may still be being freed; the next
+        ``save`` and :meth:`close` wait for that too.
 
         Raises:
             CheckpointError, StorageError, DistributedError, ...: what the background save raised.
         """
         self._writer.wait()
-        self._reclaimer.wait()
 
     def close(self) -> None:
         """Wait for pending work and free the staging buffers; the manager cannot save or restore afterwards.
@@ -480,6 +481,7 @@ class CheckpointManager:
             return
         try:
             self.wait()
+            self._reclaimer.wait()
         finally:
             self._closed = True
             self._staging.release()

@@ -107,7 +107,7 @@ def test_max_to_keep_three_over_ten_saves_keeps_foreign_files(ckpt_dir, convnet)
     for step in range(1, 11):
         mgr.save(step, model=convnet)
     assert mgr.all_steps() == [8, 9, 10]
-    mgr.wait()  # dropped steps leave listings at once; their space is freed in the background
+    mgr.close()  # dropped steps leave listings at once; their space is freed in the background
     assert entries(ckpt_dir) == ["logs", "notes.txt", "step_00000008", "step_00000009", "step_00000010"]
 
 

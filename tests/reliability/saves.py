@@ -69,7 +69,7 @@ def _stage_worker(rank: int, world: int, directory: str, plan: List[List[Any]]) 
         record["committed"] = list(committed)
         out.append(record)
     mgr.save(len(plan) + 1, model=model)  # the next save reclaims whatever is left
-    mgr.wait()  # including the space of steps its retention dropped, freed in the background
+    mgr.close()  # including the space of steps its retention dropped, freed in the background
     out.append({"final_leftovers": _leftovers(directory)})
     return out
 
@@ -129,7 +129,7 @@ def fsize_child(directory: str, limits: List[int]) -> List[Dict[str, Any]]:
         record.update(_after_failure(mgr, committed, model))
         out.append(record)
     mgr.save(len(limits) + 1, model=model)
-    mgr.wait()  # retention frees dropped steps' space in the background
+    mgr.close()  # retention frees dropped steps' space in the background
     out.append({"final_leftovers": _leftovers(directory)})
     return out
 

@@ -46,6 +46,8 @@ class Behaviour:
         length_delta: Add this to the advertised Content-Length (the body is unchanged).
         delay: Seconds to wait before answering.
         stall: Seconds to wait after ``cut_after`` bytes instead of dropping (for read timeouts).
+        redirect_to: Answer with ``redirect_status`` and this ``Location`` (a path or a URL).
+        redirect_status: 301, 302, 307 or 308.
     """
 
     status: Optional[int] = None
@@ -60,6 +62,8 @@ class Behaviour:
     length_delta: int = 0
     delay: float = 0.0
     stall: float = 0.0
+    redirect_to: Optional[str] = None
+    redirect_status: int = 302
 
 
 @dataclass
@@ -104,6 +108,8 @@ class _Handler(BaseHTTPRequestHandler):
         b = entry.behaviour
         if b.status is not None:
             return {"status": b.status, "extra": {}, "cut": False}
+        if b.redirect_to is not None:
+            return {"status": b.redirect_status, "extra": {"Location": b.redirect_to}, "cut": False}
         if entry.failures < b.fail_times:
             entry.failures += 1
             extra = {"Retry-After": b.retry_after} if b.retry_after is not None else {}

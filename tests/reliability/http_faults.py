@@ -3,8 +3,10 @@
 Transient faults (a cut body, a reset, a 500/503 storm with Retry-After, a
 stall shorter than the retries) must end in a verified load; permanent ones
 (404, 403, a body shorter than its Content-Length every time, a stall past the
-timeout on every attempt) in a typed DownloadError/CheckpointError whose
-message names the status or the cause. Nothing partial is left in the cache.
+timeout on every attempt, a redirect loop) in a typed DownloadError/CheckpointError
+whose message names the status or the cause. Redirects (301/302/307/308) are
+followed, and the cache keeps the name of the URL asked for. Nothing partial is
+left in the cache.
 """
 from __future__ import annotations
 
@@ -71,4 +73,22 @@ def run_http_faults(server: Any, rounds: int = 1) -> Tally:
                 assert must_say in str(exc) and "Hint:" in str(exc), str(exc)
                 assert not _cache_leftovers(), _cache_leftovers()
             tally.trial(f"{label} #{r}", fails)
+        for status in (301, 302, 307, 308):
+            def redirected(status: int = status) -> None:
+                target = server.add(f"/r{r}/real-{status}.pth", data)
+                url = server.add(f"/r{r}/moved-{status}.pth", b"", redirect_to=target, redirect_status=status)
+                model = small_model(1)
+                ckptmgr.load_checkpoint(model, url, strict=True)
+                assert torch.equal(model[0].weight, weight), "loaded other numbers"
+                assert os.path.basename(ckptmgr.cached_path(url)).startswith(f"moved-{status}"), \
+                    "the cache is keyed by the URL asked for, not where it redirected"
+            tally.trial(f"redirect {status} followed #{r}", redirected)
+
+        def loop() -> None:
+            path = f"/r{r}/loop.pth"
+            url = server.add(path, b"", redirect_to=path)
+            exc = expect_typed(lambda: ckptmgr.load_checkpoint(small_model(1), url), "redirect loop")
+            assert "redirect" in str(exc) and "Hint:" in str(exc), str(exc)
+            assert not _cache_leftovers(), _cache_leftovers()
+        tally.trial(f"redirect loop #{r}", loop)
     return tally

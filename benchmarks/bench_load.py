@@ -8,15 +8,13 @@ verification (the default) is reported beside it.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from bench_save import _raw_bytes  # noqa: E402
-from common import base_parser, emit, interleave, machine, make_state, median, timed  # noqa: E402
+from common import base_parser, interleave, machine, make_state, median, run_in_scratch, timed  # noqa: E402
 
 import ckptmgr  # noqa: E402
 
@@ -71,13 +69,7 @@ def run(state_mib: float, repeats: int, scratch: str) -> dict:
 
 def main(argv=None) -> dict:
     args = base_parser(__doc__).parse_args(argv)
-    scratch = tempfile.mkdtemp(prefix="ckptmgr-bench-load-", dir=args.dir)
-    try:
-        result = run(args.state_mib, args.repeats, scratch)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    emit(result, args.out)
-    return result
+    return run_in_scratch("load", args, lambda scratch: run(args.state_mib, args.repeats, scratch))
 
 
 if __name__ == "__main__":

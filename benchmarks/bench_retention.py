@@ -6,15 +6,13 @@ what listing and retention bookkeeping cost as a directory fills up, not deletes
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from common import base_parser, emit, interleave, machine, median, timed  # noqa: E402
+from common import base_parser, interleave, machine, median, run_in_scratch, timed  # noqa: E402
 
 import ckptmgr  # noqa: E402
 
@@ -55,13 +53,7 @@ def main(argv=None) -> dict:
     parser = base_parser(__doc__)
     parser.add_argument("--count", type=int, default=1000, help="committed checkpoints in the full directory")
     args = parser.parse_args(argv)
-    scratch = tempfile.mkdtemp(prefix="ckptmgr-bench-ret-", dir=args.dir)
-    try:
-        result = run(args.count, max(args.repeats, 9), scratch)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    emit(result, args.out)
-    return result
+    return run_in_scratch("ret", args, lambda scratch: run(args.count, max(args.repeats, 9), scratch))
 
 
 if __name__ == "__main__":

@@ -8,14 +8,12 @@ M6  async save() call-to-committed time / sync save time
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
-from common import base_parser, emit, fsync_path, interleave, machine, make_state, median, timed  # noqa: E402
+from common import base_parser, fsync_path, interleave, machine, make_state, median, run_in_scratch, timed  # noqa: E402
 
 import ckptmgr  # noqa: E402
 
@@ -96,13 +94,7 @@ def run(state_mib: float, repeats: int, scratch: str) -> dict:
 
 def main(argv=None) -> dict:
     args = base_parser(__doc__).parse_args(argv)
-    scratch = tempfile.mkdtemp(prefix="ckptmgr-bench-save-", dir=args.dir)
-    try:
-        result = run(args.state_mib, args.repeats, scratch)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    emit(result, args.out)
-    return result
+    return run_in_scratch("save", args, lambda scratch: run(args.state_mib, args.repeats, scratch))
 
 
 if __name__ == "__main__":

@@ -17,16 +17,14 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue as queue_mod
-import shutil
 import socket
 import sys
-import tempfile
 import traceback
 from datetime import timedelta
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import base_parser, emit, interleave, machine, make_model, median, timed  # noqa: E402
+from common import base_parser, interleave, machine, make_model, median, run_in_scratch, timed  # noqa: E402
 
 
 def _free_port() -> int:
@@ -150,13 +148,7 @@ def main(argv=None) -> dict:
     parser = base_parser(__doc__)
     parser.set_defaults(state_mib=128, repeats=3)
     args = parser.parse_args(argv)
-    scratch = tempfile.mkdtemp(prefix="ckptmgr-bench-sharded-", dir=args.dir)
-    try:
-        result = run(args.state_mib, args.repeats, scratch)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    emit(result, args.out)
-    return result
+    return run_in_scratch("sharded", args, lambda scratch: run(args.state_mib, args.repeats, scratch))
 
 
 if __name__ == "__main__":

@@ -6,14 +6,12 @@ checkpoints every K steps; M3 = (async - none) / (sync - none).
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
-from common import base_parser, emit, interleave, machine, make_state, median, timed  # noqa: E402
+from common import base_parser, interleave, machine, make_state, median, run_in_scratch, timed  # noqa: E402
 
 import ckptmgr  # noqa: E402
 
@@ -61,13 +59,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args(argv)
-    scratch = tempfile.mkdtemp(prefix="ckptmgr-bench-loop-", dir=args.dir)
-    try:
-        result = run(args.state_mib, args.repeats, scratch, args.steps, args.every, args.batch)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    emit(result, args.out)
-    return result
+    return run_in_scratch("loop", args, lambda scratch: run(args.state_mib, args.repeats, scratch, args.steps, args.every, args.batch))
 
 
 if __name__ == "__main__":

@@ -168,3 +168,16 @@ def base_parser(description: str):
     parser.add_argument("--dir", default=None, help="scratch directory on the disk to measure (default: a temp dir)")
     parser.add_argument("--out", default=None, help="write the JSON result here too")
     return parser
+
+
+def run_in_scratch(name: str, args, run: Callable[[str], Dict[str, object]]) -> Dict[str, object]:
+    """Call ``run(scratch_dir)`` in a fresh directory under ``args.dir``, remove it, emit the result."""
+    import shutil
+    import tempfile
+    scratch = tempfile.mkdtemp(prefix=f"ckptmgr-bench-{name}-", dir=args.dir)
+    try:
+        result = run(scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    emit(result, args.out)
+    return result

@@ -47,28 +47,6 @@ class StagingBuffers:
             self._buffers[name] = buf
         return buf
 
-    def stage(self, tensors: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Copy every tensor into its buffer and return name -> buffer.
-
-        Buffers of names no longer present are dropped, so a changing state
-        does not leak memory. Device copies are issued non-blocking and
-        synchronised once at the end.
-        """
-        staged: Dict[str, torch.Tensor] = {}
-        needs_sync = False
-        for name, tensor in tensors.items():
-            src = tensor.detach()
-            buf = self._buffer_for(name, src)
-            non_blocking = src.device.type == "cuda" and buf.is_pinned()
-            buf.copy_(src, non_blocking=non_blocking)
-            needs_sync = needs_sync or non_blocking
-            staged[name] = buf
-        if needs_sync:
-            torch.cuda.synchronize()
-        for stale in set(self._buffers) - set(staged):
-            del self._buffers[stale]
-        return staged
-
     def stage_tree(self, tree: Any) -> Any:
         """Copy a nested structure, tensors into their reused buffers, containers rebuilt.
 

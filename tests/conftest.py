@@ -1,7 +1,6 @@
 """Shared fixtures: a clean loader registry, a real moto S3 server, small real models."""
 from __future__ import annotations
 
-import os
 import socket
 import uuid
 

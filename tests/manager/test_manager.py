@@ -1,5 +1,4 @@
 """CheckpointManager on local disk: commit, listing, force, leftovers, retention, errors, loading."""
-import logging
 import os
 import shutil
 

@@ -185,9 +185,9 @@ def _load_plain(value: Any, fqn: str) -> Any:
 class _SafeBytes:
     """Mixin for DCP load planners: non-tensor entries are read with ``weights_only=True``, never full pickle.
 
-    DCP's own planners call ``torch.load(weights_only=False)`` on these
-    entries; model and optimizer state hold only numbers, strings, tuples and
-    lists there, which the restricted unpickler reads.
+    DCP's own planners unpickle these entries without restriction (a full
+    ``torch.load``); model and optimizer state hold only numbers, strings,
+    tuples and lists there, which the restricted unpickler reads.
     """
 
     def load_bytes(self, read_item: Any, value: Any) -> None:

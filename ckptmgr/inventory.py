@@ -253,7 +253,7 @@ def load_weights_and_meta(uri: str, trust_pickle: bool = False) -> Tuple[Dict[st
     """
     from .checkpoint import extract_state_dict
     if is_manager_path(uri):
-        from .manager import load_manager_checkpoint
+        from .loaders.directory import load_manager_checkpoint
         loaded = load_manager_checkpoint(uri, map_location="cpu")
         return loaded["state_dict"], dict(loaded["meta"], step=loaded["step"])
     ckpt = _load_any(uri, trust_pickle)
@@ -317,7 +317,7 @@ def _optimizers(state: Any) -> Optional[Dict[str, Any]]:
 
 def _describe_step(uri: str, limit: Optional[int]) -> Dict[str, Any]:
     from . import components
-    from .manager import load_manager_checkpoint
+    from .loaders.directory import load_manager_checkpoint
     loaded = load_manager_checkpoint(uri, map_location="cpu")    # verifies the weights and meta files
     root = uri.rstrip("/") if is_step_dir(uri) else storage.join(uri.rstrip("/"), step_name(loaded["step"]))
     manifest = components.read_manifest(root)

@@ -26,7 +26,7 @@ from .agreement import agree
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, DistributedError
 from .faults import fault_point
 from .index import StepIndex
-from .manifest import FileEntry, Manifest, parse_step_name, step_name
+from .manifest import FileEntry, Manifest, step_name
 from .ownership import DirectoryOwner
 from .retention import best_of, build_policy, steps_to_delete
 from .serialization import MapLocation
@@ -34,7 +34,7 @@ from .snapshot import BackgroundWriter, StagingBuffers
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointManager", "RestoredCheckpoint", "resume_from_latest", "load_manager_checkpoint"]
+__all__ = ["CheckpointManager", "RestoredCheckpoint", "resume_from_latest"]
 
 
 @dataclass
@@ -524,41 +524,3 @@ def resume_from_latest(directory: Any, *, model: nn.Module, optimizer: Any = Non
     with CheckpointManager(directory, max_to_keep=None, storage_options=options) as manager:
         restored = manager.restore(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, **kwargs)
     return 0 if restored is None else restored.step + 1
-
-
-def load_manager_checkpoint(uri: str, map_location: MapLocation = None,
-                            storage_options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Load the model weights of a manager checkpoint (what ``load_checkpoint`` calls for directories).
-
-    Args:
-        uri: A step directory (``.../step_00000100``) or a manager directory
-            (its newest good checkpoint).
-        map_location: As for ``torch.load``.
-        storage_options: fsspec options for URLs.
-
-    Returns:
-        ``{'state_dict', 'meta', 'step', 'metrics'}``, after checking the
-        weights and meta files against the manifest (sizes and sha256).
-
-    Raises:
-        CheckpointNotFoundError: no committed checkpoint there.
-        CorruptCheckpointError: the step (or, for a manager directory, every step) is damaged.
-    """
-    uri = str(uri)
-    trimmed = uri.rstrip("/") or uri
-    step = parse_step_name(trimmed.rsplit("/", 1)[-1])
-    if step is not None:
-        return components.load_weights(trimmed, step, map_location, storage_options)
-    steps = CheckpointManager(trimmed, max_to_keep=None, storage_options=storage_options).all_steps()
-    if not steps:
-        raise CheckpointNotFoundError(f"{uri} is a directory with no committed checkpoint",
-                                      "pass a checkpoint file, a step_XXXXXXXX directory, or a manager directory")
-    failures = []
-    for candidate in reversed(steps):
-        try:
-            return components.load_weights(storage.join(trimmed, step_name(candidate)), candidate,
-                                           map_location, storage_options)
-        except CorruptCheckpointError as exc:
-            logger.warning("checkpoint step %d is damaged, trying an older one: %s", candidate, exc)
-            failures.append(str(exc))
-    raise CorruptCheckpointError(f"every checkpoint in {uri} is damaged:\n" + "\n".join(failures))

@@ -366,8 +366,8 @@ def load_torch(fileobj: IO[bytes], map_location: MapLocation = None, trust_pickl
     """
     start = fileobj.tell() if getattr(fileobj, "seekable", lambda: False)() else None
     try:
-        if trust_pickle:  # explicit opt-in by the caller: the only weights_only=False in ckptmgr
-            return torch.load(fileobj, map_location=map_location, weights_only=False)
+        if trust_pickle:  # explicit opt-in by the caller: the only full unpickling in ckptmgr
+            return torch.load(fileobj, map_location=map_location, weights_only=False)  # trust_pickle=True
         return torch.load(fileobj, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)

@@ -24,7 +24,7 @@ def load_file(uri: str, map_location: MapLocation = None, trust_pickle: bool = F
 def load_directory(uri: str, map_location: MapLocation = None,
                    storage_options: Optional[Dict[str, Any]] = None) -> Any:
     """Load the model weights of a CheckpointManager directory (or one of its step directories)."""
-    from ..manager import load_manager_checkpoint  # local import: the manager is heavier than a file load
+    from .directory import load_manager_checkpoint  # local import: only directories need it
     return load_manager_checkpoint(uri, map_location=map_location, storage_options=storage_options)
 
 

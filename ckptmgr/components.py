@@ -17,7 +17,8 @@ import logging
 import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, Mapping, Optional, Tuple
+from datetime import datetime, timezone
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -32,7 +33,7 @@ from .state import plain
 logger = logging.getLogger(__name__)
 
 __all__ = ["COMPONENTS", "write_component", "write_model", "write_rank_files", "read_component", "read_model",
-           "read_manifest", "probe", "read_step", "load_weights"]
+           "read_manifest", "probe", "read_step", "load_weights", "build_manifest"]
 
 COMPONENTS = ("optimizer", "scheduler", "scaler", "extra", "meta")
 MODULE_META_KEY = "ckptmgr.module_metadata"
@@ -334,3 +335,12 @@ def load_weights(step_uri: str, step: int, map_location: MapLocation = None,
     if module_meta:
         weights._metadata = module_meta  # type: ignore[attr-defined]
     return {"state_dict": weights, "meta": plain(meta), "step": step, "metrics": dict(manifest.metrics)}
+
+
+def build_manifest(step: int, metrics: Mapping[str, Any], written: List[Dict[str, Any]], world: int) -> Manifest:
+    """The commit record of a step from every rank's :func:`write_rank_files` reply (rank order)."""
+    files = {n: FileEntry(int(size), sha) for reply in written for n, (size, sha) in reply["files"].items()}
+    parts: Dict[str, Any] = dict(written[0]["components"])
+    parts["rng"] = {str(rank): reply["rng"] for rank, reply in enumerate(written)}
+    return Manifest(step=step, files=files, components=parts, metrics=dict(metrics), world_size=world,
+                    time=datetime.now(timezone.utc).isoformat(timespec="seconds"))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import numbers
-import operator
 import signal
 import threading
 import time
@@ -26,6 +25,7 @@ from torch import nn
 from . import dist
 from .errors import CheckpointError
 from .manager import CheckpointManager, RestoredCheckpoint
+from .state import check_index
 
 logger = logging.getLogger(__name__)
 
@@ -40,18 +40,6 @@ def _positive_int(name: str, value: Any) -> Optional[int]:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive int or None, got {value!r}")
     return int(value)
-
-
-def _index(name: str, value: Any) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got a bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
 
 
 def _signals(values: Optional[Iterable[Any]]) -> Tuple[signal.Signals, ...]:
@@ -242,7 +230,7 @@ class CheckpointHook:
         Raises:
             CheckpointError: the save failed (on every rank; see :meth:`CheckpointManager.save`).
         """
-        step = _index("step", step)
+        step = check_index("step", step)
         due = self.every_n_steps is not None and (step + 1) % self.every_n_steps == 0
         return self._decide(step, metrics, "every_n_steps" if due else None, epoch=None)
 
@@ -259,8 +247,8 @@ class CheckpointHook:
         Returns:
             True when a preemption checkpoint is committed and the loop should stop.
         """
-        epoch = _index("epoch", epoch)
-        step = _index("step", step)
+        epoch = check_index("epoch", epoch)
+        step = check_index("step", step)
         due = self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0
         return self._decide(step, metrics, "every_n_epochs" if due else None, epoch=epoch)
 

@@ -11,11 +11,9 @@ commit (manifest last), retain; and choose, read, apply.
 from __future__ import annotations
 
 import logging
-import operator
 import os
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from torch import nn
@@ -26,7 +24,7 @@ from .agreement import agree
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, DistributedError
 from .faults import fault_point
 from .index import StepIndex
-from .manifest import FileEntry, Manifest, step_name
+from .manifest import Manifest, step_name
 from .ownership import DirectoryOwner
 from .retention import best_of, build_policy, steps_to_delete
 from .serialization import MapLocation
@@ -55,18 +53,6 @@ class RestoredCheckpoint:
     meta: Dict[str, Any] = field(default_factory=dict)
     metrics: Dict[str, Any] = field(default_factory=dict)
     path: str = ""
-
-
-def _check_step(step: Any) -> int:
-    if isinstance(step, bool):
-        raise TypeError("step must be an int, got a bool")
-    try:
-        value = operator.index(step)
-    except TypeError:
-        raise TypeError(f"step must be an int, got {type(step).__name__}") from None
-    if value < 0:
-        raise ValueError(f"step must be >= 0, got {value}")
-    return value
 
 
 class CheckpointManager:
@@ -214,7 +200,7 @@ class CheckpointManager:
             DistributedError: another rank failed or timed out; nothing is committed.
         """
         self._check_open()
-        step = _check_step(step)
+        step = state.check_index("step", step)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         args = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, extra=extra,
@@ -236,27 +222,12 @@ class CheckpointManager:
             if shards.use_sharded(self.sharded, args["model"]):  # model and optimizer through DCP, every rank
                 snapshot = shards.collect(step, **args)
                 return (self._dcp_staging.stage(snapshot, self._staging) if stage else snapshot), None
-            snapshot = self._collect(step, **args)
+            snapshot = state.collect(step, **args)
             if stage:  # async: copy into reused CPU buffers; the training loop may change the originals now
                 snapshot = self._staging.stage_tree(snapshot)
             return snapshot, None
         except Exception as exc:
             return {}, exc
-
-    @staticmethod
-    def _collect(step: int, *, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any,
-                 extra: Optional[Mapping[str, Any]], metrics: Optional[Mapping[str, Any]],
-                 meta: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
-        """This rank's share of the state: RNG everywhere, the replicated state on rank 0 (live tensors)."""
-        rank, world = dist.get_rank(), dist.get_world_size()
-        snapshot: Dict[str, Any] = {"rng": state.rng_state(distributed=world > 1)}
-        if rank == 0:
-            snapshot.update(model=state.model_state(model), metrics=state.clean_metrics(metrics),
-                            meta=state.build_meta(meta, step, world), extra=state.extra_state(extra),
-                            optimizer=state.named_state(optimizer, "optimizer"),
-                            scheduler=state.named_state(scheduler, "scheduler", prune=True),
-                            scaler=state.named_state(scaler, "scaler"))
-        return snapshot
 
     def _write_and_commit(self, step: int, snapshot: Dict[str, Any], error: Optional[Exception], force: bool,
                           group: Any) -> str:
@@ -306,7 +277,7 @@ class CheckpointManager:
                 nonlocal committed
                 fault_point("save.commit")
                 if rank == 0:
-                    manifest.append(self._manifest(step, snapshot, written, world))
+                    manifest.append(components.build_manifest(step, snapshot["metrics"], written, world))
                     self._owner.check()  # an object-store lease taken over by another job: do not commit
                     stepdir.commit(plan, manifest[0], self.storage_options)
                     committed = True
@@ -322,14 +293,6 @@ class CheckpointManager:
             fault_point("save.after_rename")
             self._apply_retention(step)
         return plan.final
-
-    @staticmethod
-    def _manifest(step: int, snap: Mapping[str, Any], written: List[Dict[str, Any]], world: int) -> Manifest:
-        files = {n: FileEntry(int(size), sha) for reply in written for n, (size, sha) in reply["files"].items()}
-        parts: Dict[str, Any] = dict(written[0]["components"])
-        parts["rng"] = {str(rank): reply["rng"] for rank, reply in enumerate(written)}
-        return Manifest(step=step, files=files, components=parts, metrics=snap["metrics"],
-                        world_size=world, time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def _apply_retention(self, saved: int) -> None:
         """Delete what the policy drops (rank 0, after the commit; failures only logged)."""
@@ -352,7 +315,7 @@ class CheckpointManager:
         if reclaims:
             # The dropped steps are uncommitted already; freeing their blocks can happen
             # after save() returns. The next save (and close) waits for it first.
-            self._reclaimer.submit(lambda: _reclaim_all(reclaims))
+            self._reclaimer.submit(lambda: stepdir.reclaim_all(reclaims))
 
     # ------------------------------------------------------------------ restore
 
@@ -398,7 +361,7 @@ class CheckpointManager:
         """
         self._check_open()
         if step is not None:
-            step = _check_step(step)
+            step = state.check_index("step", step)
         self.wait()  # never read a directory a background save is still writing
         rank = dist.get_rank()
         loaded: Dict[str, Any] = {}
@@ -496,15 +459,6 @@ class CheckpointManager:
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.directory!r}, policy={self.policy})"
-
-
-def _reclaim_all(reclaims: List[Any]) -> None:
-    """Run deferred deletes; a failure is only logged (the next save cleans leftovers again)."""
-    for reclaim in reclaims:
-        try:
-            reclaim()
-        except Exception as exc:
-            logger.warning("could not free the space of a deleted checkpoint: %s", exc)
 
 
 def resume_from_latest(directory: Any, *, model: nn.Module, optimizer: Any = None, scheduler: Any = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import random
 import sys
 import time
@@ -19,6 +20,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
+from . import dist
 from .errors import CheckpointFormatError, UnserializableStateError
 from .modules import get_state_dict, load_state_dict
 from .serialization import to_skeleton
@@ -29,6 +31,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "as_named", "stateful", "named_state", "apply_named", "model_state", "apply_model",
     "extra_state", "apply_extra", "plain", "rng_state", "apply_rng", "clean_metrics", "build_meta", "apply_loaded",
+    "inplace_targets", "check_index", "collect",
 ]
 
 # --------------------------------------------------------------------------- named groups
@@ -339,3 +342,39 @@ def apply_loaded(loaded: Mapping[str, Any], model: torch.nn.Module, optimizer: A
         logger.warning("step %d has no RNG state for this rank (saved with %d ranks); RNG not restored",
                        manifest.step, manifest.world_size)
     return values
+
+
+# --------------------------------------------------------------------------- validation and collection
+
+
+def check_index(name: str, value: Any) -> int:
+    """``value`` as an int >= 0 (steps, epochs).
+
+    Raises:
+        TypeError: not an integer (bools included).
+        ValueError: negative.
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got a bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def collect(step: int, *, model: torch.nn.Module, optimizer: Any, scheduler: Any, scaler: Any,
+            extra: Optional[Mapping[str, Any]], metrics: Optional[Mapping[str, Any]],
+            meta: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """This rank's share of a checkpoint: RNG everywhere, the replicated state on rank 0 (live tensors)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    snapshot: Dict[str, Any] = {"rng": rng_state(distributed=world > 1)}
+    if rank == 0:
+        snapshot.update(model=model_state(model), metrics=clean_metrics(metrics),
+                        meta=build_meta(meta, step, world), extra=extra_state(extra),
+                        optimizer=named_state(optimizer, "optimizer"),
+                        scheduler=named_state(scheduler, "scheduler", prune=True),
+                        scaler=named_state(scaler, "scaler"))
+    return snapshot

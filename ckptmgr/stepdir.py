@@ -32,7 +32,7 @@ from .manifest import MANIFEST_NAME, Manifest, is_temp_name, old_name, parse_old
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["WritePlan", "prepare", "commit", "abort", "delete_step", "clean_leftovers"]
+__all__ = ["WritePlan", "prepare", "commit", "abort", "delete_step", "clean_leftovers", "reclaim_all"]
 
 Options = Optional[Dict[str, Any]]
 
@@ -232,3 +232,12 @@ def _quietly(func: Any, *args: Any, **kwargs: Any) -> None:
         func(*args, **kwargs)
     except Exception as exc:  # tidying is best effort; the next save tries again
         logger.warning("could not remove %s: %s", args[0] if args else "?", exc)
+
+
+def reclaim_all(reclaims: Iterable[Callable[[], None]]) -> None:
+    """Run the removals :func:`delete_step` deferred; a failure is only logged (the next save cleans up)."""
+    for reclaim in reclaims:
+        try:
+            reclaim()
+        except Exception as exc:
+            logger.warning("could not free the space of a deleted checkpoint: %s", exc)

@@ -15,18 +15,16 @@ air-gapped clusters); the cache key is always the original URL.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
 import re
 import sys
-import tempfile
 import urllib.parse
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import dist, storage
-from .errors import (CheckpointError, CheckpointNotFoundError, ChecksumError, DownloadError,
+from .errors import (CheckpointNotFoundError, ChecksumError, DownloadError,
                      UnknownSchemeError)
 
 logger = logging.getLogger(__name__)
@@ -200,36 +198,21 @@ def _download(uri: str, target: str, *, check_hash: bool, timeout: Optional[floa
               retries: Optional[int], progress: Optional[bool],
               storage_options: Optional[Dict[str, Any]]) -> None:
     """Fetch ``uri`` into a temp file beside ``target``, verify it, then promote it atomically."""
-    directory, name = os.path.split(target)
+    name = os.path.basename(target)
     if progress is None:
         progress = dist.get_rank() == 0 and sys.stderr.isatty()
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=directory)
-    except OSError as exc:
-        raise storage._storage_error(target, exc) from exc
-    try:
-        with os.fdopen(fd, "w+b") as fh:
-            os.fchmod(fh.fileno(), 0o666 & ~storage._current_umask())  # mkstemp makes 0600; caches are shared
-            if storage.split_protocol(uri)[0] in ("http", "https"):
-                source = apply_mirrors(uri)
-                logger.info("downloading %s%s to %s", uri, f" from mirror {source}" if source != uri else "",
-                            target)
-                from .loaders.httpclient import RetryPolicy, download
-                size, digest = download(source, fh, RetryPolicy.from_env(retries, timeout), progress, name)
-            else:
-                logger.info("copying %s to %s", uri, target)
-                size, digest = _copy_fsspec(uri, fh, storage_options)
-            _verify(uri, name, digest, check_hash)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):  # disk full, permissions
-            raise storage._storage_error(target, exc) from exc
-        raise
-    storage.fsync_dir(directory)
+    # storage.atomic_write: temp file beside the target, fsync, rename, fsync of the directory;
+    # a failed download or check leaves nothing under the final name.
+    with storage.atomic_write(target) as fh:
+        if storage.split_protocol(uri)[0] in ("http", "https"):
+            source = apply_mirrors(uri)
+            logger.info("downloading %s%s to %s", uri, f" from mirror {source}" if source != uri else "", target)
+            from .loaders.httpclient import RetryPolicy, download
+            size, digest = download(source, fh, RetryPolicy.from_env(retries, timeout), progress, name)
+        else:
+            logger.info("copying %s to %s", uri, target)
+            size, digest = _copy_fsspec(uri, fh, storage_options)
+        _verify(uri, name, digest, check_hash)
     logger.debug("cached %s (%d bytes, sha256 %s) as %s", uri, size, digest, target)
 
 

@@ -236,7 +236,7 @@ def _atomic_write_local(path: str) -> Iterator[IO[bytes]]:
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+        if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):  # typed errors pass through
             raise _storage_error(path, exc) from exc
         raise
     fsync_dir(directory)

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from bench_save import _raw_bytes  # noqa: E402
-from common import base_parser, interleave, machine, make_state, median, run_in_scratch, timed  # noqa: E402
+from common import base_parser, interleave, machine, make_state, median, read_into, run_in_scratch, timed  # noqa: E402
 
 import ckptmgr  # noqa: E402
 
@@ -34,11 +34,7 @@ def run(state_mib: float, repeats: int, scratch: str) -> dict:
     def raw():
         def read():
             with open(raw_path, "rb", buffering=0) as fh:
-                for view in targets:
-                    mv = memoryview(view)
-                    got = 0
-                    while got < len(mv):
-                        got += fh.readinto(mv[got:])
+                read_into(fh, targets)
         return timed(read)
 
     def torch_load():

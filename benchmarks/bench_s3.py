@@ -15,7 +15,7 @@ import uuid
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_save import _raw_bytes  # noqa: E402
-from common import base_parser, emit, interleave, machine, make_state, median, timed  # noqa: E402
+from common import base_parser, emit, interleave, machine, make_state, median, read_into, timed  # noqa: E402
 
 
 def _free_port() -> int:
@@ -67,11 +67,7 @@ def run(state_mib: float, repeats: int) -> dict:
         def raw_get():
             def get():
                 with fs.open(f"{bucket}/raw.bin", "rb") as fh:
-                    for view in views:
-                        mv = memoryview(view)
-                        got = 0
-                        while got < len(mv):
-                            got += fh.readinto(mv[got:])
+                    read_into(fh, views)
             return timed(get)
 
         def save():

@@ -52,6 +52,15 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
+def read_into(fh, views) -> None:
+    """Fill each writable buffer in ``views`` from ``fh`` with ``readinto`` (the raw read baseline)."""
+    for view in views:
+        mv = memoryview(view)
+        got = 0
+        while got < len(mv):
+            got += fh.readinto(mv[got:])
+
+
 def timed(fn: Callable[[], object]) -> float:
     """Seconds ``fn`` took."""
     start = time.perf_counter()

@@ -23,6 +23,7 @@ from common import machine  # noqa: E402
 
 # (figure key in the benchmark's JSON, benchmark, label, comparison, target)
 FIGURES = [
+    ("import_ckptmgr_over_torch", "import", "import ckptmgr / import torch (fresh interpreters)", "<=", 0.1),
     ("M1_vs_raw", "save", "M1 sync durable save throughput / raw write+fsync", ">=", 0.9),
     ("M1_vs_torch_save", "save", "M1 sync durable save throughput / torch.save+fsync", ">=", 1.0),
     ("M2_async_blocking_over_sync", "save", "M2 async blocking time / sync save time", "<=", 0.10),
@@ -53,6 +54,7 @@ def plan(quick: bool):
     """Benchmark name -> (script, arguments)."""
     if quick:
         return {
+            "import": ("bench_import.py", ["--repeats", "3"]),
             "save": ("bench_save.py", ["--state-mib", "8", "--repeats", "3"]),
             "load": ("bench_load.py", ["--state-mib", "8", "--repeats", "3"]),
             "train_loop": ("bench_train_loop.py", ["--state-mib", "4", "--repeats", "2", "--steps", "6",
@@ -63,6 +65,7 @@ def plan(quick: bool):
             "sharded": ("bench_sharded.py", ["--state-mib", "8", "--repeats", "2"]),
         }
     return {
+        "import": ("bench_import.py", []),
         "save": ("bench_save.py", []),
         "load": ("bench_load.py", []),
         "train_loop": ("bench_train_loop.py", []),

@@ -21,6 +21,7 @@ your own jobs wrote; share weights as a single safetensors file (:func:`export`)
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from collections import OrderedDict
 from typing import Any, Dict, Mapping, Optional
@@ -29,8 +30,6 @@ import torch
 from torch import nn
 
 from . import components, dist, state, storage
-from .dcp_storage import (METADATA_NAME, SafeEmptyLoadPlanner, SafeLoadPlanner, check_metadata_bytes, hash_files,
-                          is_data_file, reader, translate, writer)
 from .errors import CheckpointFormatError, CorruptCheckpointError, KeyMismatchError
 from .manifest import Manifest, check_sizes, verify_file
 
@@ -42,6 +41,12 @@ __all__ = ["SETTINGS", "check_setting", "has_dtensors", "use_sharded", "is_shard
 SETTINGS = ("auto", True, False)
 Options = Optional[Dict[str, Any]]
 FORMAT = "torch.distributed.checkpoint"
+
+
+def _dcp() -> Any:
+    """ckptmgr's DCP storage glue, imported on first use: DCP pulls in DTensor and sympy (about 1 s)."""
+    from . import dcp_storage
+    return dcp_storage
 
 
 def check_setting(value: Any) -> Any:
@@ -57,8 +62,9 @@ def check_setting(value: Any) -> Any:
 
 def has_dtensors(model: nn.Module) -> bool:
     """True when any parameter of ``model`` is a DTensor (FSDP2 ``fully_shard``, tensor parallel)."""
-    from torch.distributed.tensor import DTensor
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    module = sys.modules.get("torch.distributed.tensor")  # no DTensor can exist before its module is imported
+    dtensor = getattr(module, "DTensor", None)
+    return dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters())
 
 
 def use_sharded(setting: Any, model: nn.Module) -> bool:
@@ -165,7 +171,7 @@ def write_rank_files(plan: Any, snap: Mapping[str, Any], rank: int, storage_opti
     """
     import torch.distributed.checkpoint as dcp
     what = f"writing DCP shards into {plan.write_dir}"
-    out = writer(plan.write_dir, storage_options)
+    out = _dcp().writer(plan.write_dir, storage_options)
     try:
         with warnings.catch_warnings():  # one process without torch.distributed: DCP warns, we mean it
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -173,13 +179,13 @@ def write_rank_files(plan: Any, snap: Mapping[str, Any], rank: int, storage_opti
     except BaseException as exc:  # CheckpointException is a BaseException; agreement catches Exception only
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
-        raise translate(exc, what) from None
+        raise _dcp().translate(exc, what) from None
     reply = components.write_rank_files(plan.root, plan.prefix, snap, rank, storage_options)
-    own = [n for n in out.written if is_data_file(n, rank)] + ([METADATA_NAME] if rank == 0 else [])
-    for name, entry in hash_files(plan.write_dir, own, storage_options).items():
+    own = [n for n in out.written if _dcp().is_data_file(n, rank)] + ([_dcp().METADATA_NAME] if rank == 0 else [])
+    for name, entry in _dcp().hash_files(plan.write_dir, own, storage_options).items():
         reply["files"][plan.prefix + name] = [entry.size, entry.sha256]
     if rank == 0:
-        reply["components"]["sharded"] = {"format": FORMAT, "metadata": plan.prefix + METADATA_NAME,
+        reply["components"]["sharded"] = {"format": FORMAT, "metadata": plan.prefix + _dcp().METADATA_NAME,
                                           "world_size": dist.get_world_size(),
                                           "optimizer": snap["sharded"]["optimizer"], "torch_version": torch.__version__}
     return reply
@@ -190,7 +196,7 @@ def write_rank_files(plan: Any, snap: Mapping[str, Any], rank: int, storage_opti
 
 def _metadata_name(manifest: Manifest, source: str) -> str:
     name = manifest.components["sharded"].get("metadata")
-    if not isinstance(name, str) or not name.endswith(METADATA_NAME) or name not in manifest.files:
+    if not isinstance(name, str) or not name.endswith(_dcp().METADATA_NAME) or name not in manifest.files:
         raise CorruptCheckpointError(f"{source}: the manifest lists no DCP metadata file")
     return name
 
@@ -206,9 +212,9 @@ def check_files(step_uri: str, manifest: Manifest, full: bool, storage_options: 
     """
     name = _metadata_name(manifest, step_uri)
     with storage.open_read(storage.join(step_uri, name), storage_options) as fh:
-        check_metadata_bytes(fh.read(), manifest.files[name], step_uri)
+        _dcp().check_metadata_bytes(fh.read(), manifest.files[name], step_uri)
     if full:
-        for data in sorted(n for n in manifest.files if is_data_file(n)):
+        for data in sorted(n for n in manifest.files if _dcp().is_data_file(n)):
             verify_file(storage.join(step_uri, data), data, manifest.files[data], step_uri, storage_options)
 
 
@@ -217,9 +223,9 @@ def _dcp_load(target: Dict[str, Any], step_uri: str, manifest: Manifest, planner
     """``dcp.load`` into ``target`` through the verifying reader; DCP's errors become ckptmgr errors."""
     import torch.distributed.checkpoint as dcp
     name = _metadata_name(manifest, step_uri)
-    prefix = name[: -len(METADATA_NAME)]
+    prefix = name[: -len(_dcp().METADATA_NAME)]
     source = storage.join(step_uri, name)
-    rd = reader(storage.join(step_uri, prefix) if prefix else step_uri, manifest.files[name], source, storage_options)
+    rd = _dcp().reader(storage.join(step_uri, prefix) if prefix else step_uri, manifest.files[name], source, storage_options)
     try:
         if no_dist:  # dcp.load would copy into a new dict, losing what an empty-dict planner builds
             from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
@@ -231,7 +237,7 @@ def _dcp_load(target: Dict[str, Any], step_uri: str, manifest: Manifest, planner
     except BaseException as exc:  # DCP raises CheckpointException, a BaseException
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
-        error = translate(exc, f"loading DCP shards from {step_uri}")
+        error = _dcp().translate(exc, f"loading DCP shards from {step_uri}")
         if "Missing key" in str(error):
             raise KeyMismatchError(f"{step_uri}: the model or optimizer has keys the checkpoint lacks: {error}") \
                 from None
@@ -281,7 +287,7 @@ def apply_loaded(loaded: Mapping[str, Any], step_uri: str, model: nn.Module, opt
     with_optim = _check_optimizers(manifest.components["sharded"].get("optimizer"), named, strict)
     options = StateDictOptions(strict=strict)
     target = _dcp_state(model, optimizer if with_optim else None, options)
-    _dcp_load(target, step_uri, manifest, SafeLoadPlanner(allow_partial_load=not strict), storage_options, group)
+    _dcp_load(target, step_uri, manifest, _dcp().SafeLoadPlanner(allow_partial_load=not strict), storage_options, group)
     set_model_state_dict(model, target["model"], options=options)
     if with_optim:
         for name, opt in named[1].items():
@@ -327,7 +333,7 @@ def consolidate(step_uri: str, storage_options: Options = None, verify: bool = T
     check_files(step_uri, manifest, verify, storage_options)
     target: Dict[str, Any] = {}
     keys = None if optimizer else {"model"}
-    _dcp_load(target, step_uri, manifest, SafeEmptyLoadPlanner(keys=keys), storage_options, None, no_dist=True)
+    _dcp_load(target, step_uri, manifest, _dcp().SafeEmptyLoadPlanner(keys=keys), storage_options, None, no_dist=True)
     model = OrderedDict(target.get("model") or {})
     return model if not optimizer else {"model": model, "optimizer": target.get("optimizer") or {}}
 

@@ -60,39 +60,41 @@ def test_rank_zero_first_orders_the_bodies(tmp_path):
     assert order[0] == 0 and sorted(order) == [0, 1, 2]
 
 
-def _one_rank_late(rank, world):
+def _one_rank_late(rank, world, marker):
     from ckptmgr import dist
-    if rank == 1:
-        time.sleep(6)
+    if rank == 1:   # arrives only after rank 0 gave up (or after 60 s, if its barrier never times out)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
         return "late"
-    start = time.monotonic()
     try:
         dist.barrier(timeout=2)
     except Exception as exc:
-        return type(exc).__name__, round(time.monotonic() - start, 1)
+        return type(exc).__name__, "did not answer within 2s" in str(exc)
+    finally:
+        open(marker, "w").close()
     return "passed"
 
 
-def test_barrier_times_out_instead_of_hanging():
-    results = run_ranks(_one_rank_late, 2)
+def test_barrier_times_out_instead_of_hanging(tmp_path):
+    results = run_ranks(_one_rank_late, 2, str(tmp_path / "gave-up"))
     status, value = results[0]
-    assert status == "ok" and value[0] == "DistributedError" and value[1] < 5
+    assert status == "ok" and tuple(value) == ("DistributedError", True), value
 
 
 def _one_rank_dies(rank, world):
     from ckptmgr import dist
     if rank == 1:
         os._exit(3)  # dies without a word, like kill -9
-    start = time.monotonic()
     try:
         dist.barrier(timeout=20)
     except Exception as exc:
-        return type(exc).__name__, round(time.monotonic() - start, 1)
+        return type(exc).__name__
     return "passed"
 
 
 def test_dead_rank_becomes_an_error():
     results = run_ranks(_one_rank_dies, 2)
     status, value = results[0]
-    assert status == "ok" and value[0] == "DistributedError" and value[1] <= 21
+    assert status == "ok" and value == "DistributedError", value
     assert results[1][0] == "died"

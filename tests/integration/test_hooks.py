@@ -94,12 +94,16 @@ def test_every_n_epochs_and_no_double_save_of_one_step(manager):
 
 def test_every_n_seconds_counts_from_the_last_save(manager):
     model = _model()
+    now = [1000.0]                               # a clock the test moves, so machine speed cannot matter
     with CheckpointHook(manager, model=model, every_n_seconds=0.5) as hook:
+        hook._clock = lambda: now[0]
+        hook._since = now[0]
         assert hook.after_step(0) is False
-        time.sleep(0.6)
+        now[0] += 0.6
         hook.after_step(1)
+        now[0] += 0.4
         hook.after_step(2)                       # the timer restarted at the save of step 1
-        time.sleep(0.6)
+        now[0] += 0.2
         hook.after_step(3)
     assert manager.all_steps() == [1, 3]
     assert _trigger(manager, 3) == "every_n_seconds"

@@ -12,7 +12,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-
 from bench_save import _raw_bytes  # noqa: E402
 from common import base_parser, interleave, machine, make_state, median, read_into, run_in_scratch, timed  # noqa: E402
 

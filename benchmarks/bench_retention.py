@@ -10,9 +10,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
 from common import base_parser, interleave, machine, median, run_in_scratch, timed  # noqa: E402
+from torch import nn  # noqa: E402
 
 import ckptmgr  # noqa: E402
 
@@ -31,7 +30,8 @@ def run(count: int, repeats: int, scratch: str) -> dict:
     seed.save(0, model=model, optimizer=opt)
     seed.close()
     # fresh managers, as a restarted job would open them
-    full, one = ckptmgr.CheckpointManager(full_dir, max_to_keep=keep), ckptmgr.CheckpointManager(empty_dir, max_to_keep=keep)
+    full = ckptmgr.CheckpointManager(full_dir, max_to_keep=keep)
+    one = ckptmgr.CheckpointManager(empty_dir, max_to_keep=keep)
     steps = {"full": count, "one": 1}
 
     def saver(name, manager):

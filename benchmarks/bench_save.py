@@ -12,7 +12,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-
 from common import base_parser, fsync_path, interleave, machine, make_state, median, run_in_scratch, timed  # noqa: E402
 
 import ckptmgr  # noqa: E402

@@ -10,7 +10,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-
 from common import base_parser, interleave, machine, make_state, median, run_in_scratch, timed  # noqa: E402
 
 import ckptmgr  # noqa: E402
@@ -59,7 +58,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args(argv)
-    return run_in_scratch("loop", args, lambda scratch: run(args.state_mib, args.repeats, scratch, args.steps, args.every, args.batch))
+    return run_in_scratch("loop", args, lambda scratch: run(args.state_mib, args.repeats, scratch, args.steps,
+                                                             args.every, args.batch))
 
 
 if __name__ == "__main__":

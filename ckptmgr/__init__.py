@@ -2,18 +2,38 @@
 
 Public API only; see README.md for a tour.
 """
-from .cache import cached_path
 from .checkpoint import load_checkpoint, load_checkpoint_with_prefix, save_checkpoint
-from .dist import rank_zero_first
-from .errors import (CheckpointError, CheckpointExistsError, CheckpointFormatError, CheckpointNotFoundError,
-                     ChecksumError, CorruptCheckpointError, DirectoryInUseError, DistributedError, DownloadError, KeyMismatchError,
-                     MissingDependencyError, StorageError, UnknownSchemeError, UnsafeCheckpointError,
-                     UnserializableStateError)
+from .distributed import rank_zero_first
+from .errors import (
+                     CheckpointError,
+                     CheckpointExistsError,
+                     CheckpointFormatError,
+                     CheckpointNotFoundError,
+                     ChecksumError,
+                     CorruptCheckpointError,
+                     DirectoryInUseError,
+                     DistributedError,
+                     DownloadError,
+                     KeyMismatchError,
+                     MissingDependencyError,
+                     StorageError,
+                     UnknownSchemeError,
+                     UnsafeCheckpointError,
+                     UnserializableStateError,
+)
 from .hooks import CheckpointHook
+from .hub.cache import cached_path
 from .loaders.registry import CheckpointLoader
 from .manager import CheckpointManager, RestoredCheckpoint, resume_from_latest
-from .modules import (LoadReport, get_state_dict, is_module_wrapper, load_state_dict, register_module_wrapper,
-                      unwrap_model, weights_to_cpu)
+from .state.modules import (
+                     LoadReport,
+                     get_state_dict,
+                     is_module_wrapper,
+                     load_state_dict,
+                     register_module_wrapper,
+                     unwrap_model,
+                     weights_to_cpu,
+)
 from .version import __version__
 
 __all__ = [

@@ -13,13 +13,14 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from . import storage
 from .errors import CheckpointFormatError
-from .keys import revise_keys as _revise_keys
-from .keys import select_prefix
+from .format.checkpoint_file import kind_of, write_checkpoint_file
+from .format.maplocation import MapLocation
+from .io.access import atomic_write
 from .loaders.registry import CheckpointLoader
-from .modules import LoggerLike, get_state_dict, load_state_dict, unwrap_model, weights_to_cpu
-from .serialization import SKELETON_KEY, MapLocation, save_torch, to_skeleton, write_safetensors
+from .state.keys import revise_keys as _revise_keys
+from .state.keys import select_prefix
+from .state.modules import LoggerLike, get_state_dict, load_state_dict, unwrap_model, weights_to_cpu
 from .version import __version__
 
 logger = logging.getLogger(__name__)
@@ -47,8 +48,9 @@ def save_checkpoint(model: nn.Module, filename: str, optimizer: OptimizerArg = N
     The file holds ``{'meta', 'state_dict', 'optimizer'}``: meta gains
     ``ckptmgr_version``, ``time`` and the model's ``CLASSES`` (when it has
     them); ``state_dict`` has the bare model's keys on the CPU. A name ending
-    in ``.safetensors`` writes safetensors (no pickle at all); anything else a
-    ``torch.save`` file that loads with ``torch.load(weights_only=True)``.
+    in ``.safetensors`` writes safetensors (no pickle at all: the weights under
+    their bare keys, readable by any safetensors tool, the rest in the header);
+    anything else a ``torch.save`` file that loads with ``torch.load(weights_only=True)``.
 
     Args:
         model: The model, wrapped or not.
@@ -73,13 +75,8 @@ def save_checkpoint(model: nn.Module, filename: str, optimizer: OptimizerArg = N
     opt_state = _optimizer_state(optimizer)
     if opt_state is not None:
         checkpoint["optimizer"] = opt_state
-    with storage.atomic_write(str(filename), storage_options) as fh:
-        if str(filename).endswith(".safetensors"):
-            skeleton, tensors = to_skeleton(checkpoint)
-            import json
-            write_safetensors(fh, tensors, {SKELETON_KEY: json.dumps(skeleton)})
-        else:
-            save_torch(checkpoint, fh)
+    with atomic_write(str(filename), storage_options) as fh:
+        write_checkpoint_file(fh, kind_of(str(filename)), checkpoint)
 
 
 def extract_state_dict(checkpoint: Any, source: str = "checkpoint") -> "OrderedDict[str, Any]":

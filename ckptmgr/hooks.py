@@ -22,10 +22,10 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple, Unio
 
 from torch import nn
 
-from . import dist
+from . import distributed as dist
 from .errors import CheckpointError
 from .manager import CheckpointManager, RestoredCheckpoint
-from .state import check_index
+from .state.objects import check_index
 
 logger = logging.getLogger(__name__)
 

@@ -1,33 +1,34 @@
-"""Read-only views of checkpoints, for people and tools: what a directory holds, is it intact, what is inside.
+"""Read-only views of manager directories for people and tools, and pruning by hand.
 
 Training code only needs "the latest good step"; operators need more: every
 entry of a manager directory with its state (committed, damaged, a crashed
 save's leftovers), a byte-for-byte check that reports every bad file instead
-of stopping at the first, which retention rule keeps which step, and a plain
-description of a checkpoint's contents. These functions answer that for the
-``ckptmgr`` command and anyone scripting around it. None of them writes, and
-none unpickles unless the caller passes ``trust_pickle=True``.
+of stopping at the first, which retention rule keeps which step, and a way to
+prune that follows the same commit protocol as the manager. These functions
+answer that for the ``ckptmgr`` command and anyone scripting around it. Only
+:func:`prune` writes; nothing here unpickles.
 """
 from __future__ import annotations
 
 import logging
-import math
-import re
-from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
 
-from . import storage
-from .errors import CheckpointError, CheckpointFormatError, CheckpointNotFoundError, CorruptCheckpointError
-from .manifest import (MANIFEST_NAME, HashingReader, Manifest, is_temp_name, parse_old_name, parse_step_name,
-                       step_name)
-from .retention import AnyOf, CheckpointInfo, KeepAll, KeepBest, KeepEvery, KeepLast, Policy
+from .errors import CheckpointError, CheckpointFormatError, CheckpointNotFoundError, DirectoryInUseError
+from .format.checksum import HashingReader
+from .format.manifest import MANIFEST_NAME, Manifest
+from .io.access import open_store
+from .io.store import Options, Store
+from .retention import AnyOf, CheckpointInfo, KeepAll, KeepBest, KeepEvery, KeepLast, Policy, steps_to_delete
+from .step.commit import protocol_for, run_reclaims
+from .step.index import read_manifests
+from .step.names import is_temp_name, leftover_step, parse_step_name
+from .step.ownership import DirectoryOwner
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DirEntry", "scan_directory", "StepCheck", "check_step", "verify", "kept_by", "is_manager_path",
-           "is_step_dir", "load_weights_and_meta", "describe_checkpoint", "jsonable"]
-
-_LEFTOVER_RE = re.compile(r"^\.(?:tmp|old)-step_(\d{8,})-")
+           "is_step_dir", "PruneResult", "prune"]
 
 # --------------------------------------------------------------------------- a manager directory
 
@@ -73,40 +74,38 @@ _NOTES = {
 }
 
 
-def scan_directory(directory: str, storage_options: Optional[Dict[str, Any]] = None) -> List[DirEntry]:
+def _store(directory: Any, storage_options: Options) -> Store:
+    return directory if isinstance(directory, Store) else open_store(str(directory), storage_options)
+
+
+def scan_directory(directory: Any, storage_options: Options = None) -> List[DirEntry]:
     """Classify what a manager directory holds, from one listing and its manifests.
 
     Entries whose names ckptmgr does not own are left out.
 
+    Args:
+        directory: The manager directory (a path, URL or Store).
+        storage_options: fsspec options for URLs.
+
     Returns:
         The entries, ordered by step, then name.
     """
+    store = _store(directory, storage_options)
     entries: List[DirEntry] = []
-    steps: Dict[str, int] = {}
-    for name in storage.listdir(directory, storage_options):
+    steps: Dict[int, str] = {}
+    for name in store.listdir():
         step = parse_step_name(name)
-        leftover = _LEFTOVER_RE.match(name)
         if step is not None:
-            steps[name] = step
-        elif leftover and (is_temp_name(name) or parse_old_name(name)):
-            entries.append(DirEntry(name, "temporary" if is_temp_name(name) else "replaced", int(leftover.group(1))))
-    uris = {name: storage.join(directory, name, MANIFEST_NAME) for name in steps}
-    raw = storage.read_many(list(uris.values()), storage_options) if uris else {}
-    for name, step in steps.items():
-        data = raw[uris[name]]
-        if isinstance(data, FileNotFoundError):
-            entries.append(DirEntry(name, "uncommitted", step))
-            continue
-        try:
-            if isinstance(data, BaseException):
-                raise data
-            manifest = Manifest.from_bytes(data, source=uris[name])
-            if manifest.step != step:
-                raise CorruptCheckpointError(f"{uris[name]} records step {manifest.step}")
-        except Exception as exc:  # reported, not raised: a listing shows damage instead of failing on it
-            entries.append(DirEntry(name, "damaged", step, problem=getattr(exc, "message", str(exc))))
-            continue
-        entries.append(DirEntry(name, "committed", step, manifest))
+            steps[step] = name
+        elif leftover_step(name) is not None:
+            entries.append(DirEntry(name, "temporary" if is_temp_name(name) else "replaced", leftover_step(name) or 0))
+    for step, outcome in read_manifests(store, steps).items():
+        if isinstance(outcome, FileNotFoundError):
+            entries.append(DirEntry(steps[step], "uncommitted", step))
+        elif isinstance(outcome, BaseException):  # reported, not raised: a listing shows damage
+            entries.append(DirEntry(steps[step], "damaged", step, problem=getattr(outcome, "message", str(outcome))))
+        else:
+            entries.append(DirEntry(steps[step], "committed", step, outcome))
     return sorted(entries, key=lambda e: (e.step, e.name))
 
 
@@ -130,34 +129,34 @@ class StepCheck:
         return not self.problems and (self.manifest is not None or self.status == "file")
 
 
-def check_step(step_uri: str, storage_options: Optional[Dict[str, Any]] = None) -> StepCheck:
+def check_step(step_uri: Any, storage_options: Options = None) -> StepCheck:
     """Check a step directory byte for byte against its manifest.
 
     Unlike a restore, it does not stop at the first bad file: every listed file
-    is checked for presence, size and sha256.
+    is checked for presence, size and checksum.
 
     Returns:
         A :class:`StepCheck`.
     """
-    manifest_uri = storage.join(step_uri, MANIFEST_NAME)
+    store = _store(step_uri, storage_options)
     try:
-        with storage.open_read(manifest_uri, storage_options) as fh:
-            manifest = Manifest.from_bytes(fh.read(), source=manifest_uri)
+        manifest = Manifest.from_bytes(store.read_bytes(MANIFEST_NAME), source=store.uri(MANIFEST_NAME))
     except CheckpointNotFoundError:
-        return StepCheck(step_uri, None, [f"{MANIFEST_NAME}: missing, so this step is not committed"])
+        return StepCheck(store.root, None, [f"{MANIFEST_NAME}: missing, so this step is not committed"])
     except CheckpointError as exc:
-        return StepCheck(step_uri, None, [f"{MANIFEST_NAME}: {exc.message}"])
+        return StepCheck(store.root, None, [f"{MANIFEST_NAME}: {exc.message}"])
     problems: List[str] = []
-    named = parse_step_name(step_uri.rstrip("/").rsplit("/", 1)[-1])
+    named = parse_step_name(store.root.rstrip("/").rsplit("/", 1)[-1])
     if named is not None and named != manifest.step:
         problems.append(f"{MANIFEST_NAME}: records step {manifest.step}, but the directory is step {named}")
-    present = storage.list_files(step_uri, storage_options)
+    present = store.list_files()
     for name, want in sorted(manifest.files.items()):
         if name not in present:
             problems.append(f"{name}: missing")
             continue
         try:
-            with storage.open_read(storage.join(step_uri, name), storage_options) as fh:
+            store.check_inside(name)
+            with store.open_read(name) as fh:
                 got = HashingReader(fh).finish()
         except CheckpointError as exc:
             problems.append(f"{name}: cannot be read ({exc.message})")
@@ -166,10 +165,10 @@ def check_step(step_uri: str, storage_options: Optional[Dict[str, Any]] = None) 
             problems.append(f"{name}: {got.size} bytes, the manifest recorded {want.size}")
         elif got.sha256 != want.sha256:
             problems.append(f"{name}: sha256 {got.sha256[:16]}... differs from the manifest's {want.sha256[:16]}...")
-    return StepCheck(step_uri, manifest, problems)
+    return StepCheck(store.root, manifest, problems)
 
 
-def verify(uri: str, storage_options: Optional[Dict[str, Any]] = None) -> List[StepCheck]:
+def verify(uri: str, storage_options: Options = None) -> List[StepCheck]:
     """Check a step directory, every step of a manager directory, or a file named ``NAME-<sha256 prefix>.ext``.
 
     Entries of a manager directory that are not committed (a crashed save's
@@ -180,23 +179,25 @@ def verify(uri: str, storage_options: Optional[Dict[str, Any]] = None) -> List[S
         CheckpointFormatError: a single file whose name carries no hash to check against.
     """
     uri = uri.rstrip("/") or uri
-    if is_manager_path(uri):
+    if is_manager_path(uri, storage_options):
+        store = open_store(uri, storage_options)
         if is_step_dir(uri):
-            return [check_step(uri, storage_options)]
-        entries = scan_directory(uri, storage_options)
+            return [check_step(store)]
+        entries = scan_directory(store)
         if not entries:
             raise CheckpointNotFoundError(f"{uri} holds no checkpoints", "pass a CheckpointManager directory")
-        return [check_step(storage.join(uri, e.name), storage_options) if e.status in ("committed", "damaged")
-                else StepCheck(storage.join(uri, e.name), None, [], e.status) for e in entries]
-    from .cache import hash_prefix
+        return [check_step(store.sub(e.name)) if e.status in ("committed", "damaged")
+                else StepCheck(store.uri(e.name), None, [], e.status) for e in entries]
+    from .hub.cache import hash_prefix
     prefix = hash_prefix(uri)
+    store = open_store(uri, storage_options)
     if prefix is None:
-        if not storage.exists(uri, storage_options):
+        if not store.exists():
             raise CheckpointNotFoundError(f"{uri} does not exist")
         raise CheckpointFormatError(f"{uri} is a single file without a sha256 prefix in its name, so there is "
                                     "nothing to check it against",
                                     "verify takes a manager or step directory, or a NAME-<sha256[:8]>.pth file")
-    with storage.open_read(uri, storage_options) as fh:
+    with store.open_read() as fh:
         digest = HashingReader(fh).finish().sha256
     problem = [] if digest.startswith(prefix) else [f"sha256 {digest[:16]}... does not start with {prefix}, "
                                                      "the hash in the file name"]
@@ -219,161 +220,74 @@ def kept_by(entries: Sequence[DirEntry], policy: Policy) -> Dict[int, List[str]]
     return out
 
 
-# --------------------------------------------------------------------------- one checkpoint
-
-
 def is_step_dir(uri: str) -> bool:
     """True when the last component of ``uri`` is a step directory name (``step_00000100``)."""
     return parse_step_name(str(uri).rstrip("/").rsplit("/", 1)[-1]) is not None
 
 
-def is_manager_path(uri: str) -> bool:
+def is_manager_path(uri: str, storage_options: Options = None) -> bool:
     """True for a manager or step directory (local or fsspec); False for files and other schemes."""
-    from .loaders.builtin import load_from_fsspec, load_from_local
+    from .loaders.fsspec import load_from_fsspec
+    from .loaders.local import load_from_local
     from .loaders.registry import CheckpointLoader
     try:
         if CheckpointLoader.get_loader(uri) not in (load_from_local, load_from_fsspec):
             return False
-        return storage.isdir(uri)
+        return open_store(uri, storage_options).isdir()
     except CheckpointError:
         return False
 
 
-def _load_any(uri: str, trust_pickle: bool) -> Any:
-    from .loaders.registry import CheckpointLoader
-    return CheckpointLoader.load_checkpoint(uri, map_location="cpu", logger="silent", trust_pickle=trust_pickle)
+# --------------------------------------------------------------------------- pruning
 
 
-def load_weights_and_meta(uri: str, trust_pickle: bool = False) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """``(state_dict, meta)`` of any checkpoint: a file, a manager or step directory, any registered scheme.
+@dataclass
+class PruneResult:
+    """What :func:`prune` did (or, with ``dry_run``, would do)."""
 
-    Raises:
-        CheckpointFormatError: the checkpoint holds no model state dict.
-        UnsafeCheckpointError: it needs pickle and ``trust_pickle`` is False.
-    """
-    from .checkpoint import extract_state_dict
-    if is_manager_path(uri):
-        from .loaders.directory import load_manager_checkpoint
-        loaded = load_manager_checkpoint(uri, map_location="cpu")
-        return loaded["state_dict"], dict(loaded["meta"], step=loaded["step"])
-    ckpt = _load_any(uri, trust_pickle)
-    meta = ckpt.get("meta") if isinstance(ckpt, Mapping) and isinstance(ckpt.get("meta"), Mapping) else {}
-    return extract_state_dict(ckpt, uri), dict(meta)
+    directory: str
+    delete: List[int]
+    deleted: List[int] = field(default_factory=list)
+    kept: List[int] = field(default_factory=list)
+    untouched: List[str] = field(default_factory=list)
+    errors: List[str] = field(default_factory=list)
 
 
-def jsonable(value: Any) -> Any:
-    """Plain JSON for reports: tensors become their value (one element) or shape and dtype, objects their repr."""
-    import torch
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else {"tensor": list(value.shape), "dtype": str(value.dtype)}
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
+def prune(directory: str, policy: Policy, dry_run: bool = False, storage_options: Options = None) -> PruneResult:
+    """Delete the committed steps ``policy`` drops, through the manager's uncommit-then-delete protocol.
 
-
-def _tensor_table(state_dict: Mapping[str, Any], limit: Optional[int]) -> Dict[str, Any]:
-    import torch
-    tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-    dtypes: Dict[str, int] = {}
-    for t in tensors.values():
-        name = str(t.dtype).replace("torch.", "")
-        dtypes[name] = dtypes.get(name, 0) + 1
-    return {"tensors": len(tensors), "elements": sum(t.numel() for t in tensors.values()),
-            "bytes": sum(t.numel() * t.element_size() for t in tensors.values()), "dtypes": dtypes,
-            "other_entries": [str(k) for k in state_dict if k not in tensors],
-            "keys": [{"key": k, "shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
-                     for k, v in list(tensors.items())[:limit]]}
-
-
-def _optimizers(state: Any) -> Optional[Dict[str, Any]]:
-    """Param groups (hyper-parameters, parameter counts) and per-parameter state keys of optimizer state dicts."""
-    if state is None:
-        return None
-    if isinstance(state, Mapping) and "states" in state and "single" in state:    # as a manager stores it
-        state = state["states"]
-    if isinstance(state, Mapping) and "param_groups" in state:
-        state = {"optimizer": state}
-    if not isinstance(state, Mapping):
-        return {"optimizer": jsonable(state)}
-    out: Dict[str, Any] = {}
-    for name, sd in state.items():
-        if not (isinstance(sd, Mapping) and isinstance(sd.get("param_groups"), list)):
-            out[str(name)] = {"keys": [str(k) for k in sd]} if isinstance(sd, Mapping) else jsonable(sd)
-            continue
-        per_param = sd.get("state") or {}
-        out[str(name)] = {
-            "param_groups": [dict(jsonable({k: v for k, v in g.items() if k != "params"}),
-                                  params=len(g.get("params", []))) for g in sd["param_groups"]],
-            "params_with_state": len(per_param),
-            "state_keys": sorted({str(k) for s in per_param.values() if isinstance(s, Mapping) for k in s})}
-    return out
-
-
-def _describe_step(uri: str, limit: Optional[int]) -> Dict[str, Any]:
-    from . import components
-    from .loaders.directory import load_manager_checkpoint
-    loaded = load_manager_checkpoint(uri, map_location="cpu")    # verifies the weights and meta files
-    root = uri.rstrip("/") if is_step_dir(uri) else storage.join(uri.rstrip("/"), step_name(loaded["step"]))
-    manifest = components.read_manifest(root)
-
-    def component(name: str) -> Any:
-        file = manifest.file_for(name)
-        return None if file is None else components.read_component(root, manifest, file, True, "cpu")
-    schedulers, extra = component("scheduler"), component("extra")
-    return {"source": root, "kind": "manager checkpoint", "step": loaded["step"], "time": manifest.time,
-            "world_size": manifest.world_size, "metrics": manifest.metrics,
-            "files": {n: e.size for n, e in sorted(manifest.files.items())}, "meta": jsonable(loaded["meta"]),
-            "state_dict": _tensor_table(loaded["state_dict"], limit),
-            "optimizer": _optimizers(component("optimizer")),
-            "scheduler": None if schedulers is None else {
-                n: jsonable({k: v for k, v in s.items() if k in ("last_epoch", "_last_lr")})
-                for n, s in schedulers["states"].items()},
-            "extra_keys": sorted(extra) if isinstance(extra, Mapping) else None}
-
-
-def _describe_file(uri: str, limit: Optional[int], trust_pickle: bool) -> Dict[str, Any]:
-    from .checkpoint import extract_state_dict
-    ckpt = _load_any(uri, trust_pickle)
-    try:
-        size: Optional[int] = storage.size(uri)
-    except Exception:  # zoo names and custom schemes have no size to ask for
-        size = None
-    try:
-        weights: Optional[Mapping[str, Any]] = extract_state_dict(ckpt, uri)
-    except CheckpointFormatError:
-        weights = None
-    mapping = isinstance(ckpt, Mapping)
-    return {"source": uri, "kind": "file", "size": size,
-            "meta": jsonable(ckpt["meta"]) if mapping and isinstance(ckpt.get("meta"), Mapping) else None,
-            "state_dict": None if weights is None else _tensor_table(weights, limit),
-            "optimizer": _optimizers(ckpt.get("optimizer")) if mapping else None,
-            "other_keys": [str(k) for k in ckpt if k not in ("meta", "state_dict", "optimizer", "model")]
-            if mapping and weights is not ckpt else []}
-
-
-def describe_checkpoint(uri: str, limit: Optional[int] = None, trust_pickle: bool = False) -> Dict[str, Any]:
-    """What a checkpoint holds, as JSON-ready data.
-
-    Args:
-        uri: A ``.pth``/``.safetensors`` file, a manager directory (its newest
-            good step) or step directory, or any URI a registered loader handles.
-        limit: List at most this many state-dict keys (all when None).
-        trust_pickle: Allow pickle code (only for files you trust).
-
-    Returns:
-        ``{'source', 'kind', 'meta', 'state_dict': {'tensors', 'elements', 'bytes',
-        'dtypes', 'keys': [{'key', 'shape', 'dtype'}], ...}, 'optimizer', ...}``;
-        manager checkpoints add step, time, world size, metrics, files, scheduler and extra keys.
+    Temporary directories and files ckptmgr does not own are never touched. On
+    a local directory the writer lock a saving job holds is taken first, so a
+    live job's directory is refused.
 
     Raises:
-        CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError: as for loading.
+        DirectoryInUseError: a job is saving into the (local) directory.
     """
-    if is_manager_path(uri):
-        return _describe_step(uri, limit)
-    return _describe_file(uri, limit, trust_pickle)
+    store = open_store(directory, storage_options)
+    entries = scan_directory(store)
+    committed = [e for e in entries if e.manifest is not None]
+    doomed = steps_to_delete([CheckpointInfo(e.step, e.manifest.metrics) for e in committed  # type: ignore[union-attr]
+                              ], policy)
+    result = PruneResult(store.root, doomed, kept=[e.step for e in committed if e.step not in doomed],
+                         untouched=[e.name for e in entries if e.status != "committed"])
+    if dry_run or not doomed:
+        return result
+    owner = DirectoryOwner(store) if store.is_local else None  # never prune under a live local job
+    if owner is not None:
+        try:
+            owner.claim(purpose=None)
+        except DirectoryInUseError as exc:
+            raise DirectoryInUseError(f"not pruning: {exc.message}", "the job's own retention (max_to_keep) "
+                                      "prunes it; run prune after the job stops") from None
+    protocol = protocol_for(store)
+    try:
+        for step in doomed:
+            try:
+                run_reclaims([protocol.uncommit(step)])  # never a partial committed step
+                result.deleted.append(step)
+            except (CheckpointError, OSError) as exc:
+                result.errors.append(f"step {step}: {exc}")
+    finally:
+        if owner is not None:
+            owner.release()
+    return result

@@ -1,58 +1,47 @@
 """CheckpointManager: rotating, atomically committed, verified checkpoints, and resume.
 
-This module only orchestrates: :mod:`ckptmgr.state` turns training objects
-into storable trees, :mod:`ckptmgr.components` writes and reads the files of a
-step, :mod:`ckptmgr.stepdir` commits and deletes step directories,
-:mod:`ckptmgr.manifest` defines the commit record, :mod:`ckptmgr.retention`
-decides what to delete, and :mod:`ckptmgr.agreement` makes one rank's failure
-every rank's. What lives here is the order of those steps: collect, write,
-commit (manifest last), retain; and choose, read, apply.
+This module only orchestrates; the layers below do the work:
+
+* save: the step format collects this rank's state (:mod:`ckptmgr.step.formats`;
+  staged into reused buffers for an async save) -> :func:`ckptmgr.step.save.save_step`
+  has every rank write its files and rank 0 write the manifest last through the
+  directory's commit protocol (:mod:`ckptmgr.step.commit`) -> retention
+  (:mod:`ckptmgr.retention`) uncommits what the policy drops.
+* restore: rank 0 picks the newest step that checks out (:mod:`ckptmgr.step.load`),
+  every rank reads its part, then the step's format applies it to the live objects.
 """
 from __future__ import annotations
 
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from torch import nn
 
-from . import components, dist, state, stepdir, storage
-from . import sharded as shards
-from .agreement import agree
-from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, DistributedError
+from . import distributed as dist
+from .distributed import agree
+from .errors import CheckpointError
 from .faults import fault_point
-from .index import StepIndex
-from .manifest import Manifest, step_name
-from .ownership import DirectoryOwner
+from .format.maplocation import MapLocation
+from .io.access import open_store
+from .io.store import Options, Store
 from .retention import best_of, build_policy, steps_to_delete
-from .serialization import MapLocation
-from .snapshot import BackgroundWriter, StagingBuffers
+from .state.objects import check_index, plain
+from .state.staging import StagingBuffers
+from .step.background import Background
+from .step.commit import protocol_for, run_reclaims
+from .step.formats import Formats, StepFormat
+from .step.index import StepIndex
+from .step.load import agree_on_step
+from .step.names import step_name
+from .step.ownership import DirectoryOwner
+from .step.records import RestoredCheckpoint, Snapshot, TrainingObjects
+from .step.save import save_step
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CheckpointManager", "RestoredCheckpoint", "resume_from_latest"]
-
-
-@dataclass
-class RestoredCheckpoint:
-    """What :meth:`CheckpointManager.restore` loaded.
-
-    Attributes:
-        step: The restored step.
-        extra: The saved ``extra`` values (objects passed in ``extra`` that have
-            ``load_state_dict`` are returned as themselves, loaded).
-        meta: The checkpoint's meta: versions, time, world size, and ``'user'``.
-        metrics: The metrics given to ``save``.
-        path: URI of the step directory.
-    """
-
-    step: int
-    extra: Dict[str, Any] = field(default_factory=dict)
-    meta: Dict[str, Any] = field(default_factory=dict)
-    metrics: Dict[str, Any] = field(default_factory=dict)
-    path: str = ""
 
 
 class CheckpointManager:
@@ -62,16 +51,16 @@ class CheckpointManager:
     model keys), ``optimizer``/``scheduler``/``scaler``/``extra`` files (JSON, or
     safetensors with the JSON structure in the header when they hold tensors),
     ``meta.json``, one ``rng-rank00000.safetensors`` per rank, and, last,
-    ``manifest.json`` with every file's size and sha256: the commit. Nothing is
-    ever unpickled.
+    ``manifest.json`` with every file's size and checksum: the commit. Nothing
+    is ever unpickled.
 
     Under ``torch.distributed`` every rank calls ``save``/``restore`` with the
     same arguments: rank 0 writes the replicated state, every rank its RNG file,
     and ranks agree on the outcome (errors on any rank raise on all, with the
-    timeout of :func:`ckptmgr.dist.default_timeout`). For a local directory,
-    rank 0 creates the temporary directory and the other ranks write into it,
-    so a local path must be on a filesystem shared by all nodes; on separate
-    node-local disks use an object store (``s3://...``) instead.
+    timeout of :func:`ckptmgr.distributed.default_timeout`). For a local
+    directory, rank 0 creates the temporary directory and the other ranks write
+    into it, so a local path must be on a filesystem shared by all nodes; on
+    separate node-local disks use an object store (``s3://...``) instead.
 
     One manager (one job) writes to a directory at a time: a save removes the
     temporary directories that crashed saves left there, and its listing cache
@@ -104,42 +93,39 @@ class CheckpointManager:
 
     Raises:
         ValueError: an argument is out of range (see :func:`ckptmgr.retention.build_policy`).
+        UnknownSchemeError: ``directory`` is a URL of a protocol fsspec does not know.
     """
 
     def __init__(self, directory: Any, max_to_keep: Optional[int] = 5, keep_every_n_steps: Optional[int] = None,
                  best_metric: Optional[str] = None, best_mode: str = "min", keep_best: int = 0,
-                 async_save: bool = False, storage_options: Optional[Dict[str, Any]] = None,
-                 sharded: Any = "auto") -> None:
-        directory = os.fspath(directory)
-        if storage.is_local(directory):
-            directory = os.path.abspath(storage.local_path(directory))
-        elif directory.endswith("/") and not directory.endswith("://"):
-            directory = directory.rstrip("/")
-        self.directory: str = directory
+                 async_save: bool = False, storage_options: Options = None, sharded: Any = "auto") -> None:
+        self.store: Store = open_store(os.fspath(directory), storage_options)
+        self.directory: str = self.store.root
         self.best_metric = best_metric
         self.best_mode = best_mode
         self.policy = build_policy(max_to_keep, keep_every_n_steps, best_metric, best_mode, keep_best)
         self.storage_options = storage_options
         self.async_save = bool(async_save)
-        self.index = StepIndex(directory, storage_options)
+        self.formats = Formats(sharded)
+        self.sharded = self.formats.setting
+        self.index = StepIndex(self.store)
         self._index_lock = threading.RLock()  # the background writer updates the index too
+        self._protocol = protocol_for(self.store)
         self._staging = StagingBuffers()
-        self.sharded = shards.check_setting(sharded)
-        self._dcp_staging = shards.Stager()
-        self._reclaimer = BackgroundWriter(name="ckptmgr-reclaim")  # frees deleted steps' space
-        self._writer = BackgroundWriter(name=f"ckptmgr-writer:{os.path.basename(directory) or directory}")
+        self._reclaimer = Background("ckptmgr-reclaim")  # frees deleted steps' space
+        self._writer = Background(f"ckptmgr-writer:{os.path.basename(self.directory) or self.directory}")
         # A background save agrees with the other ranks while the training loop runs its
         # own collectives. Two threads must never share a process group, so async saves
         # get a private gloo group (created here: constructing the manager is collective).
         self._async_group = dist.new_control_group() if self.async_save and dist.get_world_size() > 1 else None
         self._restored_step: Optional[int] = None
-        self._owner = DirectoryOwner(directory, storage_options)  # claimed at the first save, never by reads
+        self._owner = DirectoryOwner(self.store)  # claimed at the first save, never by reads
         self._closed = False
 
     # ------------------------------------------------------------------ listing
 
     def _step_uri(self, step: int) -> str:
-        return storage.join(self.directory, step_name(step))
+        return self.store.uri(step_name(step))
 
     def all_steps(self) -> List[int]:
         """Committed steps (manifest present and self-consistent), oldest first.
@@ -188,7 +174,7 @@ class CheckpointManager:
             metrics: Numbers recorded in the manifest (for ``best_metric``).
             meta: Your metadata, stored under ``meta['user']``.
             force: Replace a committed checkpoint of the same step. The old one
-                stays committed until the new one is complete (see :mod:`ckptmgr.stepdir`).
+                stays committed until the new one is complete (see :mod:`ckptmgr.step.commit`).
 
         Returns:
             URI of the committed step directory.
@@ -200,111 +186,65 @@ class CheckpointManager:
             DistributedError: another rank failed or timed out; nothing is committed.
         """
         self._check_open()
-        step = state.check_index("step", step)
+        step = check_index("step", step)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        args = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, extra=extra,
-                    metrics=metrics, meta=meta)
+        objs = TrainingObjects(model, optimizer, scheduler, scaler, extra)
+        fmt = self.formats.for_save(model)
         if not self.async_save:
-            snapshot, error = self._collect_or_error(step, args, stage=False)
-            return self._write_and_commit(step, snapshot, error, force, group=None)
+            snapshot, error = self._collect(fmt, step, objs, metrics, meta, stage=False)
+            return self._write_and_commit(fmt, snapshot, error, force, group=None)
         self._writer.wait()  # back-pressure: one save in flight; raises the previous save's error
-        snapshot, error = self._collect_or_error(step, args, stage=True)
+        snapshot, error = self._collect(fmt, step, objs, metrics, meta, stage=True)
         if error is not None and dist.get_world_size() == 1:
             raise error  # nobody else to tell: fail right here
-        self._writer.submit(lambda: self._write_and_commit(step, snapshot, error, force, group=self._async_group))
+        self._writer.submit(lambda: self._write_and_commit(fmt, snapshot, error, force, group=self._async_group),
+                            what=f"checkpoint step {step}")
         return self._step_uri(step)
 
-    def _collect_or_error(self, step: int, args: Mapping[str, Any],
-                          stage: bool) -> Tuple[Dict[str, Any], Optional[Exception]]:
+    def _collect(self, fmt: StepFormat, step: int, objs: TrainingObjects, metrics: Any, meta: Any,
+                 stage: bool) -> Tuple[Snapshot, Optional[Exception]]:
         """Gather this rank's state; an error is returned, not raised, so every rank can learn of it."""
         try:
-            if shards.use_sharded(self.sharded, args["model"]):  # model and optimizer through DCP, every rank
-                snapshot = shards.collect(step, **args)
-                return (self._dcp_staging.stage(snapshot, self._staging) if stage else snapshot), None
-            snapshot = state.collect(step, **args)
-            if stage:  # async: copy into reused CPU buffers; the training loop may change the originals now
-                snapshot = self._staging.stage_tree(snapshot)
-            return snapshot, None
+            snapshot = fmt.collect(step, objs, metrics, meta, dist.get_rank(), dist.get_world_size())
+            # async: copy into reused CPU buffers; the training loop may change the originals now
+            return (fmt.stage(snapshot, self._staging) if stage else snapshot), None
         except Exception as exc:
-            return {}, exc
+            return Snapshot(step, {}), exc
 
-    def _write_and_commit(self, step: int, snapshot: Dict[str, Any], error: Optional[Exception], force: bool,
+    def _write_and_commit(self, fmt: StepFormat, snapshot: Snapshot, error: Optional[Exception], force: bool,
                           group: Any) -> str:
-        """Prepare, write, commit (manifest last), retain: the part an async save runs in the background.
-
-        Every phase is agreed across ranks (on ``group``), so an error on any
-        rank, including ``error`` from collecting, raises on all of them and
-        nothing is committed.
-        """
-        rank, world = dist.get_rank(), dist.get_world_size()
-        what = f"saving step {step} to {self.directory}"
-        plan: Optional[stepdir.WritePlan] = None
-
-        def prepare() -> Dict[str, Any]:
-            nonlocal plan
-            if error is not None:
-                raise error
-            fault_point("save.prepare")
-            if rank != 0:
-                return {"step": step}
-            self._reclaimer.wait()  # the previous retention's deletes are finished before we list
-            self._owner.claim()  # before cleaning: never tidy away another job's in-flight save
+        """Write, commit (manifest last), retain: the part an async save runs in the background."""
+        final, manifest = save_step(self.store, self._protocol, fmt, snapshot, error=error, force=force,
+                                    group=group, before_prepare=self._prepare_directory,
+                                    before_commit=self._owner.check)
+        if manifest is not None:  # rank 0
             with self._index_lock:
-                self.index.refresh()
-                stepdir.clean_leftovers(self.directory, self.index.names, self.index.uncommitted,
-                                        self.storage_options)
-            plan = stepdir.prepare(self.directory, step, force, self.storage_options)
-            return {"step": step, "plan": plan.to_json()}
-
-        committed = False
-        try:
-            replies = agree(f"{what} (prepare)", prepare, group)
-            if len({r["step"] for r in replies}) != 1:
-                raise DistributedError(f"{what}: ranks passed different steps {[r['step'] for r in replies]}",
-                                       "call save() with the same step on every rank")
-            plan = stepdir.WritePlan(**replies[0]["plan"])
-
-            def write() -> Dict[str, Any]:
-                fault_point("save.write")
-                if "dcp" in snapshot:  # sharded: dcp.save on every rank (a collective on group), then the rest
-                    return shards.write_rank_files(plan, snapshot, rank, self.storage_options, group)
-                return components.write_rank_files(plan.root, plan.prefix, snapshot, rank, self.storage_options)
-            written = agree(f"{what} (write)", write, group)
-            manifest: List[Manifest] = []
-
-            def commit() -> None:
-                nonlocal committed
-                fault_point("save.commit")
-                if rank == 0:
-                    manifest.append(components.build_manifest(step, snapshot["metrics"], written, world))
-                    self._owner.check()  # an object-store lease taken over by another job: do not commit
-                    stepdir.commit(plan, manifest[0], self.storage_options)
-                    committed = True
-            agree(f"{what} (commit)", commit, group)
-            committed = True
-        finally:
-            if not committed and rank == 0 and plan is not None:  # never undo a commit that happened
-                stepdir.abort(plan, self.storage_options)
-        if rank == 0:
-            with self._index_lock:
-                self.index.add(step, manifest[0].metrics)
-            logger.info("committed checkpoint step %d at %s", step, plan.final)
+                self.index.add(snapshot.step, manifest.metrics)
+            logger.info("committed checkpoint step %d at %s", snapshot.step, self.store.uri(final))
             fault_point("save.after_rename")
-            self._apply_retention(step)
-        return plan.final
+            self._apply_retention(snapshot.step)
+        return self.store.uri(final)
+
+    def _prepare_directory(self) -> None:
+        """Rank 0, before a save's plan: claim the directory and remove crashed saves' leftovers."""
+        self._reclaimer.wait()  # the previous retention's deletes are finished before we list
+        self._owner.claim()  # before cleaning: never tidy away another job's in-flight save
+        with self._index_lock:
+            self.index.refresh()
+            self._protocol.clean_leftovers(self.index.names, self.index.uncommitted)
 
     def _apply_retention(self, saved: int) -> None:
-        """Delete what the policy drops (rank 0, after the commit; failures only logged)."""
+        """Uncommit what the policy drops (rank 0, after the commit; failures only logged)."""
         with self._index_lock:
             known = self.index.known()
         protected = {saved}
         if self._restored_step is not None and self._restored_step == max(known):
             protected.add(self._restored_step)
-        reclaims: List[Any] = []
+        reclaims = []
         for step in steps_to_delete(list(known.values()), self.policy, protected):
             try:
-                stepdir.delete_step(self.directory, step, self.storage_options, defer=reclaims.append)
+                reclaims.append(self._protocol.uncommit(step))
             except Exception as exc:  # the new checkpoint is committed; deleting can wait
                 logger.warning("retention could not delete step %d: %s", step, exc)
                 continue
@@ -315,7 +255,7 @@ class CheckpointManager:
         if reclaims:
             # The dropped steps are uncommitted already; freeing their blocks can happen
             # after save() returns. The next save (and close) waits for it first.
-            self._reclaimer.submit(lambda: stepdir.reclaim_all(reclaims))
+            self._reclaimer.submit(lambda: run_reclaims(reclaims), what="freeing deleted checkpoints")
 
     # ------------------------------------------------------------------ restore
 
@@ -326,7 +266,7 @@ class CheckpointManager:
         """Load a checkpoint into the given objects.
 
         Every file is checked against the manifest before anything is applied:
-        sizes always, sha256 with ``verify``. Without a ``step``, the newest
+        sizes always, checksums with ``verify``. Without a ``step``, the newest
         committed checkpoint that checks out is used; damaged newer ones are
         skipped with a warning. The RNG streams (Python, NumPy, torch, CUDA) are
         set to the saved ones too, so training continues exactly. Under
@@ -340,7 +280,7 @@ class CheckpointManager:
             extra: Objects with ``load_state_dict`` to restore by key.
             strict: Model keys and shapes must match exactly, and every object
                 passed must have saved state.
-            verify: Check sha256 of every file (sizes are always checked).
+            verify: Check the checksum of every file (sizes are always checked).
             map_location: Where to put loaded tensors (as for ``torch.load``).
             in_place: Read weights and optimizer state straight into the
                 model's and optimizer's existing CPU tensors (no second copy of
@@ -361,61 +301,25 @@ class CheckpointManager:
         """
         self._check_open()
         if step is not None:
-            step = state.check_index("step", step)
+            step = check_index("step", step)
         self.wait()  # never read a directory a background save is still writing
-        rank = dist.get_rank()
-        loaded: Dict[str, Any] = {}
-        into = state.inplace_targets(model, optimizer) if in_place and map_location in (None, "cpu") else None
+        objs = TrainingObjects(model, optimizer, scheduler, scaler, extra)
 
-        def choose() -> Optional[int]:
-            if rank != 0:
-                return None
-            chosen, payload = self._choose(step, verify, map_location, into)
-            loaded.update(payload or {})
-            return chosen
-        chosen = agree(f"restoring from {self.directory} (choose)", choose)[0]
-        if chosen is None:
+        def candidates() -> List[int]:
+            with self._index_lock:
+                return list(self.index.refresh())
+        found = agree_on_step(self.store, self.formats, objs, step, candidates, verify=verify,
+                              map_location=map_location, in_place=in_place and map_location in (None, "cpu"))
+        if found is None:
             return None
-        what = f"restoring step {chosen} from {self.directory}"
-        if rank != 0:
-            agree(f"{what} (read)", lambda: loaded.update(components.read_step(
-                self.directory, chosen, rank, verify, map_location, self.storage_options, into=into)))
-        else:
-            agree(f"{what} (read)", lambda: None)
+        chosen, fmt, loaded = found
         values: Dict[str, Any] = {}
-        if shards.is_sharded(loaded["manifest"]):
-            # DCP loads on every rank (a collective), resharding to this job's layout
-            agree(f"{what} (apply)", lambda: values.update(shards.apply_loaded(
-                loaded, self._step_uri(chosen), model, optimizer, scheduler, scaler, extra, strict,
-                self.storage_options)))
-        else:
-            agree(f"{what} (apply)", lambda: values.update(state.apply_loaded(loaded, model, optimizer, scheduler,
-                                                                              scaler, extra, strict)))
+        step_store = self.store.sub(step_name(chosen))
+        agree(f"restoring step {chosen} from {self.directory} (apply)",
+              lambda: values.update(fmt.apply(loaded, step_store, objs, strict)))
         self._restored_step = chosen
-        manifest: Manifest = loaded["manifest"]
-        return RestoredCheckpoint(step=chosen, extra=values, meta=state.plain(loaded.get("meta") or {}),
-                                  metrics=dict(manifest.metrics), path=self._step_uri(chosen))
-
-    def _choose(self, step: Optional[int], verify: bool, map_location: MapLocation,
-                into: Optional[Dict[str, Any]]) -> Tuple[Optional[int], Optional[Dict[str, Any]]]:
-        """Rank 0: the step to restore and its loaded files (falling back past damaged ones)."""
-        def read(candidate: int) -> Dict[str, Any]:
-            return components.read_step(self.directory, candidate, 0, verify, map_location, self.storage_options,
-                                        check_all=True, into=into)
-        if step is not None:
-            return step, read(step)
-        with self._index_lock:
-            candidates = sorted(self.index.refresh(), reverse=True)
-        failures = []
-        for candidate in candidates:
-            try:
-                return candidate, read(candidate)
-            except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
-                logger.warning("checkpoint step %d is damaged, trying an older one: %s", candidate, exc)
-                failures.append(f"step {candidate}: {exc}")
-        if failures:
-            raise CorruptCheckpointError(f"every checkpoint in {self.directory} is damaged:\n" + "\n".join(failures))
-        return None, None
+        return RestoredCheckpoint(step=chosen, extra=values, meta=plain(loaded.get("meta") or {}),
+                                  metrics=dict(loaded.manifest.metrics), path=self._step_uri(chosen))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -443,12 +347,12 @@ class CheckpointManager:
         if self._closed:
             return
         try:
-            self.wait()
-            self._reclaimer.wait()
+            self._writer.close()
+            self._reclaimer.close()
         finally:
             self._closed = True
             self._staging.release()
-            self._dcp_staging.release()
+            self.formats.release()
             self._owner.release()
 
     def __enter__(self) -> "CheckpointManager":

@@ -9,19 +9,13 @@ this run restored from while it is the newest).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence, Set, Tuple
+
+from .step.index import CheckpointInfo
 
 __all__ = ["CheckpointInfo", "Policy", "KeepLast", "KeepEvery", "KeepBest", "KeepAll", "AnyOf",
            "build_policy", "steps_to_delete", "best_of"]
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """What a policy may look at: the step and the metrics recorded in its manifest."""
-
-    step: int
-    metrics: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Policy:

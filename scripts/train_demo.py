@@ -163,8 +163,8 @@ def run_job(command: List[str], kill_at: Optional[int] = None, timeout: float = 
 
 def _clear(directory: str) -> None:
     """Remove a previous demo's checkpoints; refuse to touch a directory holding anything else."""
-    from ckptmgr.manifest import is_temp_name, parse_old_name, parse_step_name
-    from ckptmgr.ownership import LOCK_NAME, OWNER_NAME
+    from ckptmgr.step.names import is_temp_name, parse_old_name, parse_step_name
+    from ckptmgr.step.ownership import LOCK_NAME, OWNER_NAME
     if not os.path.isdir(directory):
         return
     foreign = [n for n in os.listdir(directory) if parse_step_name(n) is None and not is_temp_name(n)

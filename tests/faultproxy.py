@@ -22,7 +22,7 @@ import struct
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Dict, List, Optional
+from typing import Dict, Optional, Sequence
 
 __all__ = ["FaultProxy"]
 
@@ -95,7 +95,7 @@ class FaultProxy:
         counts: How many of each fault, and ``"ok"``, were served.
     """
 
-    def __init__(self, upstream: str, rate: float = 0.0, kinds: List[str] = list(KINDS), seed: int = 0) -> None:
+    def __init__(self, upstream: str, rate: float = 0.0, kinds: Sequence[str] = KINDS, seed: int = 0) -> None:
         parsed = urllib.parse.urlparse(upstream)
         self.upstream_host, self.upstream_port = parsed.hostname, parsed.port
         self.rate, self.kinds = rate, list(kinds)

@@ -1,21 +1,21 @@
 """Loading the weights of a CheckpointManager directory, for ``load_checkpoint`` and the CLI.
 
 ``load_checkpoint(model, "runs/exp1")`` and ``load_checkpoint(model,
-"runs/exp1/step_00000100")`` should work like loading a file: this module
-finds the step (the newest good one for a manager directory), checks the
-weights and meta files against its manifest, and returns them as a
-checkpoint dict. It needs only the listing index, not a CheckpointManager.
+"runs/exp1/step_00000100")`` should work like loading a file: the step layer
+finds the step (the newest good one for a manager directory) and checks the
+weights and meta files against its manifest; this module only tells a step
+directory from a manager directory.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
-from .. import components, storage
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError
-from ..index import StepIndex
-from ..manifest import parse_step_name, step_name
-from ..serialization import MapLocation
+from ..format.maplocation import MapLocation
+from ..io.access import open_store
+from ..io.store import Options
+from ..step.load import load_latest_weights, load_weights
+from ..step.names import parse_step_name
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ __all__ = ["load_manager_checkpoint"]
 
 
 def load_manager_checkpoint(uri: str, map_location: MapLocation = None,
-                            storage_options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                            storage_options: Options = None) -> Dict[str, Any]:
     """Load the model weights of a manager checkpoint (what ``load_checkpoint`` calls for directories).
 
     Args:
@@ -34,7 +34,7 @@ def load_manager_checkpoint(uri: str, map_location: MapLocation = None,
 
     Returns:
         ``{'state_dict', 'meta', 'step', 'metrics'}``, after checking the
-        weights and meta files against the manifest (sizes and sha256).
+        weights and meta files against the manifest (sizes and checksums).
 
     Raises:
         CheckpointNotFoundError: no committed checkpoint there.
@@ -42,19 +42,8 @@ def load_manager_checkpoint(uri: str, map_location: MapLocation = None,
     """
     uri = str(uri)
     trimmed = uri.rstrip("/") or uri
+    store = open_store(trimmed, storage_options)
     step = parse_step_name(trimmed.rsplit("/", 1)[-1])
     if step is not None:
-        return components.load_weights(trimmed, step, map_location, storage_options)
-    steps = list(StepIndex(trimmed, storage_options).refresh())
-    if not steps:
-        raise CheckpointNotFoundError(f"{uri} is a directory with no committed checkpoint",
-                                      "pass a checkpoint file, a step_XXXXXXXX directory, or a manager directory")
-    failures = []
-    for candidate in reversed(steps):
-        try:
-            return components.load_weights(storage.join(trimmed, step_name(candidate)), candidate,
-                                           map_location, storage_options)
-        except CorruptCheckpointError as exc:
-            logger.warning("checkpoint step %d is damaged, trying an older one: %s", candidate, exc)
-            failures.append(str(exc))
-    raise CorruptCheckpointError(f"every checkpoint in {uri} is damaged:\n" + "\n".join(failures))
+        return load_weights(store, step, map_location)
+    return load_latest_weights(store, map_location)

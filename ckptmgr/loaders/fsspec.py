@@ -5,32 +5,25 @@ Credentials come from ``storage_options`` and, for S3, from the standard
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any
 
-from .. import storage
-from ..serialization import MapLocation
+from ..format.maplocation import MapLocation
+from ..io.access import isdir
+from ..io.store import Options
 from .local import load_directory, load_file
 
-__all__ = ["load_from_fsspec", "fsspec_knows"]
-
-
-def fsspec_knows(protocol: str) -> bool:
-    """True when fsspec has an implementation (installed or not) for ``protocol``."""
-    # ``fsspec.registry`` the attribute is the mapping of loaded classes, shadowing the submodule:
-    # import the names from the submodule explicitly.
-    from fsspec.registry import known_implementations, registry
-    return protocol in known_implementations or protocol in registry
+__all__ = ["load_from_fsspec"]
 
 
 def load_from_fsspec(filename: str, map_location: MapLocation = None, trust_pickle: bool = False,
-                     storage_options: Optional[Dict[str, Any]] = None) -> Any:
+                     storage_options: Options = None) -> Any:
     """Load a checkpoint file or manager directory from an fsspec URL.
 
     Raises:
         MissingDependencyError: the protocol's backend (e.g. gcsfs) is not installed.
         CheckpointNotFoundError: nothing exists at the URL.
     """
-    if storage.isdir(filename, storage_options):
+    if isdir(filename, storage_options):
         return load_directory(filename, map_location=map_location, storage_options=storage_options)
     return load_file(filename, map_location=map_location, trust_pickle=trust_pickle,
                      storage_options=storage_options)

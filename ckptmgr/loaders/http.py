@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from ..cache import cached_path
-from ..serialization import MapLocation
+from ..format.maplocation import MapLocation
+from ..hub.cache import cached_path
 from .local import load_file
 
 __all__ = ["load_from_http"]

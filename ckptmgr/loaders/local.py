@@ -2,29 +2,32 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional
+from typing import Any
 
-from .. import storage
 from ..errors import CheckpointNotFoundError
-from ..serialization import MapLocation, load_stream
+from ..format.checkpoint_file import load_checkpoint_file
+from ..format.maplocation import MapLocation
+from ..io.access import open_store
+from ..io.store import Options
+from ..io.uri import local_path
 
-__all__ = ["load_from_local", "load_file"]
+__all__ = ["load_from_local", "load_file", "load_directory"]
 
 
 def load_file(uri: str, map_location: MapLocation = None, trust_pickle: bool = False,
-              storage_options: Optional[Dict[str, Any]] = None) -> Any:
+              storage_options: Options = None) -> Any:
     """Load one checkpoint file (``.pth`` or safetensors) from any URI storage can open."""
-    with storage.open_read(uri, storage_options) as fh:
+    store = open_store(uri, storage_options)
+    with store.open_read() as fh:
         size = getattr(fh, "size", None)
-        if size is None and storage.is_local(uri):
+        if size is None and store.is_local:
             size = os.fstat(fh.fileno()).st_size
-        return load_stream(fh, name=uri, size=size, map_location=map_location, trust_pickle=trust_pickle)
+        return load_checkpoint_file(fh, name=uri, size=size, map_location=map_location, trust_pickle=trust_pickle)
 
 
-def load_directory(uri: str, map_location: MapLocation = None,
-                   storage_options: Optional[Dict[str, Any]] = None) -> Any:
+def load_directory(uri: str, map_location: MapLocation = None, storage_options: Options = None) -> Any:
     """Load the model weights of a CheckpointManager directory (or one of its step directories)."""
-    from .directory import load_manager_checkpoint  # local import: only directories need it
+    from .directory import load_manager_checkpoint  # only directories need the step layer
     return load_manager_checkpoint(uri, map_location=map_location, storage_options=storage_options)
 
 
@@ -39,9 +42,11 @@ def load_from_local(filename: str, map_location: MapLocation = None, trust_pickl
     Raises:
         CheckpointNotFoundError: the path does not exist.
     """
-    path = storage.local_path(str(filename))
+    path = local_path(str(filename))
     if os.path.isdir(path):
         return load_directory(path, map_location=map_location)
     if not os.path.exists(path):
         raise CheckpointNotFoundError(f"checkpoint not found: {path}")
     return load_file(path, map_location=map_location, trust_pickle=trust_pickle)
+
+

@@ -6,9 +6,15 @@ Dispatch picks the longest registered prefix that matches; plain paths and
 ``file://`` go to the local loader; an unregistered ``scheme://`` goes to the
 fsspec loader only when fsspec knows the protocol, and otherwise fails loudly:
 it is never mistaken for a relative local path.
+
+Built-in schemes are listed as dotted import strings (as fsspec's
+``known_implementations`` does) and imported on first use, so this module
+imports no loader and no import cycle can form; the zoo loaders resolve a
+name to a URL and hand it back to the registry.
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 import os
@@ -16,7 +22,8 @@ import threading
 from typing import Any, Callable, Dict, Iterable, Optional, Union
 
 from ..errors import UnknownSchemeError
-from ..storage import split_protocol
+from ..io.remote import fsspec_knows
+from ..io.uri import split_protocol
 
 _LOCK = threading.RLock()
 
@@ -25,6 +32,31 @@ logger = logging.getLogger(__name__)
 __all__ = ["CheckpointLoader", "Loader"]
 
 Loader = Callable[..., Any]
+
+#: Built-in prefixes -> "module:function" of their loader, imported when first used.
+BUILTIN_SCHEMES: Dict[str, str] = {
+    "file://": "ckptmgr.loaders.local:load_from_local",
+    "s3://": "ckptmgr.loaders.fsspec:load_from_fsspec",
+    "memory://": "ckptmgr.loaders.fsspec:load_from_fsspec",
+    "http://": "ckptmgr.loaders.http:load_from_http",
+    "https://": "ckptmgr.loaders.http:load_from_http",
+    "torchvision://": "ckptmgr.loaders.zoo:load_from_torchvision",
+    "modelzoo://": "ckptmgr.loaders.zoo:load_from_torchvision",
+    "open-mmlab://": "ckptmgr.loaders.zoo:load_from_openmmlab",
+    "openmmlab://": "ckptmgr.loaders.zoo:load_from_openmmlab",
+    "mmcls://": "ckptmgr.loaders.zoo:load_from_mmcls",
+}
+_LOCAL = "ckptmgr.loaders.local:load_from_local"
+_FSSPEC = "ckptmgr.loaders.fsspec:load_from_fsspec"
+
+
+def resolve(target: Union[str, Loader]) -> Loader:
+    """The loader a table entry names: a callable as it is, a ``"module:function"`` string imported."""
+    if callable(target):
+        return target
+    module, _, name = target.partition(":")
+    loader: Loader = getattr(importlib.import_module(module), name)
+    return loader
 
 
 def _accepted_kwargs(func: Loader, kwargs: Dict[str, Any]) -> Dict[str, Any]:
@@ -41,20 +73,19 @@ def _accepted_kwargs(func: Loader, kwargs: Dict[str, Any]) -> Dict[str, Any]:
 class CheckpointLoader:
     """Registry of checkpoint loaders keyed by URL prefix (OpenMMLab-compatible API)."""
 
-    _schemes: Dict[str, Loader] = {}
+    _schemes: Dict[str, Union[str, Loader]] = {}
     _builtins_loaded = False
 
     @classmethod
     def _ensure_builtins(cls) -> None:
-        # Built-in schemes are registered on first use so importing ckptmgr stays cheap;
-        # they never replace a prefix a user registered first.
+        # Built-in schemes join the table on first use; they never replace a prefix a
+        # user registered first. Their modules are imported only when a URL needs them.
         if cls._builtins_loaded:
             return
         with _LOCK:
             if not cls._builtins_loaded:
-                from . import builtin
-                for prefix, loader in builtin.BUILTIN_SCHEMES.items():
-                    cls._schemes.setdefault(prefix, loader)
+                for prefix, target in BUILTIN_SCHEMES.items():
+                    cls._schemes.setdefault(prefix, target)
                 cls._builtins_loaded = True
 
     @classmethod
@@ -105,18 +136,18 @@ class CheckpointLoader:
 
     @classmethod
     def registered_schemes(cls) -> Dict[str, Loader]:
-        """A copy of the prefix -> loader table."""
+        """A copy of the prefix -> loader table (built-ins imported)."""
         cls._ensure_builtins()
-        return dict(cls._schemes)
+        return {prefix: resolve(target) for prefix, target in cls._schemes.items()}
 
     @classmethod
-    def snapshot(cls) -> Dict[str, Loader]:
+    def snapshot(cls) -> Dict[str, Any]:
         """Capture the registry (for tests: restore it with :meth:`restore`)."""
         cls._ensure_builtins()
         return dict(cls._schemes)
 
     @classmethod
-    def restore(cls, snapshot: Dict[str, Loader]) -> None:
+    def restore(cls, snapshot: Dict[str, Any]) -> None:
         """Put back a registry captured by :meth:`snapshot`."""
         with _LOCK:
             cls._schemes.clear()
@@ -143,7 +174,6 @@ class CheckpointLoader:
             UnknownSchemeError: ``filename`` has a ``scheme://`` that nothing handles.
         """
         cls._ensure_builtins()
-        from . import builtin
         filename = os.fspath(filename) if isinstance(filename, os.PathLike) else str(filename)
         protocol, rest = split_protocol(filename)
         normalized = f"{protocol}://{rest}" if protocol is not None else filename
@@ -151,11 +181,11 @@ class CheckpointLoader:
             table = dict(cls._schemes)
         for prefix in sorted(table, key=len, reverse=True):
             if filename.startswith(prefix) or normalized.startswith(prefix):
-                return table[prefix]
+                return resolve(table[prefix])
         if protocol is None or protocol == "file":
-            return builtin.load_from_local
-        if builtin.fsspec_knows(protocol):
-            return builtin.load_from_fsspec
+            return resolve(_LOCAL)
+        if fsspec_knows(protocol):
+            return resolve(_FSSPEC)
         known = ", ".join(sorted(table)) or "(none)"
         raise UnknownSchemeError(
             f"no checkpoint loader for '{protocol}://' in {filename!r} (it is not a local path either); "

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import ckptmgr
-from ckptmgr.cache import hash_prefix
-from ckptmgr.ownership import LOCK_NAME, OWNER_NAME
+from ckptmgr.hub.cache import hash_prefix
+from ckptmgr.step.ownership import LOCK_NAME, OWNER_NAME
 from tests.cli.conftest import flip_byte, small_model, tree
 from tests.cli.test_read_only import _add_incomplete_entries, _pickle_bomb
 

@@ -12,7 +12,8 @@ def _train_with_async_saves(rank, world, directory, fail_rank):
     import torch
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from ckptmgr import CheckpointManager, components
+    from ckptmgr import CheckpointManager
+    from ckptmgr.step.formats import PlainFormat
     from tests.conftest import ConvNet
 
     torch.set_num_threads(1)
@@ -32,7 +33,7 @@ def _train_with_async_saves(rank, world, directory, fail_rank):
 
                 def broken(*args, **kwargs):
                     raise OSError(28, "No space left on device")
-                components.write_rank_files = broken
+                PlainFormat.write = broken  # type: ignore[method-assign]
             try:
                 mgr.save(step, model=model, optimizer=opt)
             except Exception as exc:  # the background failure of the previous save
@@ -41,7 +42,7 @@ def _train_with_async_saves(rank, world, directory, fail_rank):
             snapshots[step] = {k: v.clone() for k, v in model.module.named_parameters()}
     mgr.close()
     outcome = raised or "ok"
-    from ckptmgr import dist
+    from ckptmgr import distributed as dist
     dist.barrier(timeout=30)  # retention runs on rank 0 after the commit; let it finish before listing
     steps = CheckpointManager(directory).all_steps()
     fresh = DDP(ConvNet())

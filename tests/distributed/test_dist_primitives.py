@@ -1,4 +1,4 @@
-"""ckptmgr.dist on real gloo ranks: agreement, broadcast, and failures that never hang."""
+"""ckptmgr.distributed on real gloo ranks: agreement, broadcast, and failures that never hang."""
 import os
 import time
 
@@ -10,7 +10,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def _collectives(rank, world):
-    from ckptmgr import dist
+    from ckptmgr import distributed as dist
     value = dist.broadcast_json({"step": 7, "from": rank} if rank == 0 else None)
     gathered = dist.all_gather_json({"rank": rank, "pad": "x" * rank})
     agree_all = dist.all_agree(True)
@@ -61,7 +61,7 @@ def test_rank_zero_first_orders_the_bodies(tmp_path):
 
 
 def _one_rank_late(rank, world, marker):
-    from ckptmgr import dist
+    from ckptmgr import distributed as dist
     if rank == 1:   # arrives only after rank 0 gave up (or after 60 s, if its barrier never times out)
         deadline = time.monotonic() + 60
         while not os.path.exists(marker) and time.monotonic() < deadline:
@@ -83,7 +83,7 @@ def test_barrier_times_out_instead_of_hanging(tmp_path):
 
 
 def _one_rank_dies(rank, world):
-    from ckptmgr import dist
+    from ckptmgr import distributed as dist
     if rank == 1:
         os._exit(3)  # dies without a word, like kill -9
     try:

@@ -42,7 +42,11 @@ def _worker(rank, world, directory):
     import torch
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from ckptmgr import CheckpointManager, components, dist, state, storage
+    from ckptmgr import CheckpointManager
+    from ckptmgr import distributed as dist
+    from ckptmgr import io as storage
+    from ckptmgr.state import objects as state
+    from ckptmgr.step import formats as components
     from tests.conftest import ConvNet
 
     torch.set_num_threads(1)
@@ -80,7 +84,7 @@ def _worker(rank, world, directory):
         with storage.open_read(storage.join(path, "manifest.json")) as fh:
             manifest = json.loads(fh.read())
         out["names"] = [n for n in storage.listdir(directory) if not n.startswith(".ckptmgr")]
-        out["files"] = sorted(storage.list_files(path))
+        out["files"] = sorted(storage.open_store(path).list_files())
         out["manifest"] = {"world_size": manifest["world_size"], "rng": manifest["components"]["rng"]}
 
     def fail(*args, **kwargs):
@@ -165,7 +169,8 @@ def _rank_dies_mid_save(rank, world, directory):
 
     import torch
 
-    from ckptmgr import CheckpointManager, components
+    from ckptmgr import CheckpointManager
+    from ckptmgr.step import formats as components
     from tests.conftest import ConvNet
     mgr = CheckpointManager(directory)
     mgr.save(1, model=ConvNet())

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 
 import pytest
 import torch
@@ -265,7 +264,7 @@ def test_two_ranks_agree_on_time_and_on_a_signal_only_one_rank_received(tmp_path
                         env={"CKPTMGR_DIST_TIMEOUT": "30", "OMP_NUM_THREADS": "1"})
     for rank, (status, value) in enumerate(results):
         assert status == "ok", f"rank {rank}: {value}"
-    for status, value in results:
+    for _, value in results:
         assert value["decisions"] == [False] * 5 + [True]
         assert value["steps"] == [2, 5]
         assert value["preempted"] and value["handler_restored"]

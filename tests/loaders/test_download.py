@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import ckptmgr
-from ckptmgr import cache
-from ckptmgr.errors import ChecksumError, CheckpointNotFoundError, DownloadError
+from ckptmgr.errors import CheckpointNotFoundError, ChecksumError, DownloadError
+from ckptmgr.hub import cache
 
 DATA = os.urandom(3 * 1024 * 1024 + 17)
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -60,7 +60,7 @@ def test_short_content_length_fails_the_hash_check(http_server):
 
 
 def test_503_twice_then_200_honours_retry_after(http_server, monkeypatch):
-    from ckptmgr.loaders.httpclient import RetryPolicy
+    from ckptmgr.hub.http import RetryPolicy
     waits = []
     real_wait = RetryPolicy.wait
 
@@ -309,7 +309,7 @@ def test_every_response_cut_still_completes_when_range_works(http_server):
 def test_retry_after_parsing_and_bounds():
     import email.utils
 
-    from ckptmgr.loaders.httpclient import RetryPolicy, _retry_after
+    from ckptmgr.hub.http import RetryPolicy, _retry_after
     assert _retry_after("2") == 2.0
     assert _retry_after(None) is None and _retry_after("soon") is None
     later = email.utils.formatdate(time.time() + 30, usegmt=True)

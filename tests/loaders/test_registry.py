@@ -7,26 +7,29 @@ import torch
 
 import ckptmgr
 from ckptmgr.errors import MissingDependencyError, UnknownSchemeError
-from ckptmgr.loaders import builtin
+from ckptmgr.loaders.fsspec import load_from_fsspec
+from ckptmgr.loaders.http import load_from_http
+from ckptmgr.loaders.local import load_from_local
+from ckptmgr.loaders.zoo import load_from_mmcls, load_from_openmmlab, load_from_torchvision
 
 
 @pytest.mark.parametrize("uri,loader", [
-    ("http://host/x.pth", builtin.load_from_http),
-    ("https://host/x.pth", builtin.load_from_http),
-    ("modelzoo://resnet50", builtin.load_from_torchvision),
-    ("torchvision://resnet50", builtin.load_from_torchvision),
-    ("open-mmlab://resnet50_v1c", builtin.load_from_openmmlab),
-    ("openmmlab://resnet50_v1c", builtin.load_from_openmmlab),
-    ("mmcls://resnet50", builtin.load_from_mmcls),
-    ("s3://bucket/x.pth", builtin.load_from_fsspec),
-    ("S3://bucket/x.pth", builtin.load_from_fsspec),
-    ("memory://x.pth", builtin.load_from_fsspec),
-    ("gs://bucket/x.pth", builtin.load_from_fsspec),
-    ("az://container/x.pth", builtin.load_from_fsspec),
-    ("file:///tmp/x.pth", builtin.load_from_local),
-    ("/tmp/x.pth", builtin.load_from_local),
-    ("relative/dir/x.pth", builtin.load_from_local),
-    (pathlib.Path("/tmp/x.pth"), builtin.load_from_local),
+    ("http://host/x.pth", load_from_http),
+    ("https://host/x.pth", load_from_http),
+    ("modelzoo://resnet50", load_from_torchvision),
+    ("torchvision://resnet50", load_from_torchvision),
+    ("open-mmlab://resnet50_v1c", load_from_openmmlab),
+    ("openmmlab://resnet50_v1c", load_from_openmmlab),
+    ("mmcls://resnet50", load_from_mmcls),
+    ("s3://bucket/x.pth", load_from_fsspec),
+    ("S3://bucket/x.pth", load_from_fsspec),
+    ("memory://x.pth", load_from_fsspec),
+    ("gs://bucket/x.pth", load_from_fsspec),
+    ("az://container/x.pth", load_from_fsspec),
+    ("file:///tmp/x.pth", load_from_local),
+    ("/tmp/x.pth", load_from_local),
+    ("relative/dir/x.pth", load_from_local),
+    (pathlib.Path("/tmp/x.pth"), load_from_local),
 ])
 def test_dispatch_table(registry, uri, loader):
     assert registry.get_loader(uri) is loader
@@ -59,7 +62,7 @@ def test_longer_prefix_beats_a_builtin(registry):
         return "special"
     registry.register_scheme("https://internal.example/", special)
     assert registry.get_loader("https://internal.example/w.pth") is special
-    assert registry.get_loader("https://public.example/w.pth") is builtin.load_from_http
+    assert registry.get_loader("https://public.example/w.pth") is load_from_http
 
 
 def test_register_as_call_and_decorator_and_duplicates(registry):
@@ -106,7 +109,7 @@ def test_snapshot_and_restore_undo_registrations(registry):
     registry.register_scheme("http://", lambda filename, map_location=None: None, force=True)
     registry.restore(snap)
     assert "temp://" not in registry.registered_schemes()
-    assert registry.get_loader("http://x") is builtin.load_from_http
+    assert registry.get_loader("http://x") is load_from_http
 
 
 def test_registrations_do_not_leak_between_tests_part1(registry):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ckptmgr
-from ckptmgr import storage
+from ckptmgr import io as storage
 from ckptmgr.errors import CheckpointNotFoundError
 
 MIB = 1024 * 1024

@@ -14,7 +14,7 @@ import torch
 
 import ckptmgr
 from ckptmgr.errors import CheckpointFormatError, CheckpointNotFoundError, ChecksumError
-from ckptmgr.loaders import zoo
+from ckptmgr.hub import zoo
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_zoo_downloads_are_hash_checked(mirror):
     mirror(zoo.resolve_torchvision("resnet50"), weights())
     with pytest.raises(ChecksumError, match="0676ba61"):
         load("torchvision://resnet50")
-    assert os.listdir(ckptmgr.cache.cache_dir()) == []
+    assert os.listdir(ckptmgr.hub.cache.cache_dir()) == []
 
 
 def test_torchvision_old_names_and_aliases():

@@ -51,8 +51,9 @@ def train(model, optimizers, schedulers, scaler, steps: int) -> None:
 
 
 def main(directory: str, steps: int, out: str) -> None:
-    import ckptmgr
     from safetensors.torch import save_file
+
+    import ckptmgr
     model, optimizers, schedulers, scaler = build(init_seed=999)   # different weights: restore must fix them
     seed_everything(12345)                                          # different RNG: restore must fix it
     start = ckptmgr.resume_from_latest(directory, model=model, optimizer=optimizers, scheduler=schedulers,

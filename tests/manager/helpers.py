@@ -13,7 +13,8 @@ def assert_same(a: Any, b: Any, path: str = "root") -> None:
     """Assert two state trees are bit-identical (tensors by torch.equal, dtype and shape too)."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor), f"{path}: {type(b).__name__} is not a tensor"
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{path}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+        assert a.dtype == b.dtype and a.shape == b.shape, \
+            f"{path}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
         assert torch.equal(a, b), f"{path}: tensors differ"
     elif isinstance(a, Mapping):
         assert isinstance(b, Mapping), f"{path}: {type(b).__name__} is not a mapping"
@@ -31,7 +32,8 @@ def assert_same(a: Any, b: Any, path: str = "root") -> None:
 
 
 def entries(directory: str) -> list:
-    """Sorted names in ``directory``, less the manager's ownership files (``.ckptmgr.lock``, ``.ckptmgr-owner.json``)."""
+    """Sorted names in ``directory``, less the manager's ownership files (``.ckptmgr.lock``, ``.ckptmgr-owner.json``).
+    """
     return sorted(n for n in os.listdir(directory) if not n.startswith(".ckptmgr"))
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ckptmgr import CheckpointManager, StorageError
-from ckptmgr import components
+from ckptmgr.step.formats import PlainFormat
 from tests.conftest import ConvNet
 
 
@@ -58,14 +58,13 @@ def test_staging_buffers_are_reused(ckpt_dir, convnet):
 
 
 def test_background_error_surfaces_on_next_save_wait_and_close(ckpt_dir, convnet, monkeypatch):
-    real = components.write_rank_files
     mgr = CheckpointManager(ckpt_dir, async_save=True)
     mgr.save(1, model=convnet)
     mgr.wait()
 
     def disk_full(*args, **kwargs):
         raise StorageError("writing failed: out of space")
-    monkeypatch.setattr(components, "write_rank_files", disk_full)
+    monkeypatch.setattr(PlainFormat, "write", disk_full)
     mgr.save(2, model=convnet)          # returns: the failure happens in the background
     with pytest.raises(StorageError, match="out of space"):
         mgr.save(3, model=convnet)      # ...and is raised here, not lost
@@ -77,12 +76,12 @@ def test_background_error_surfaces_on_next_save_wait_and_close(ckpt_dir, convnet
     with pytest.raises(StorageError):
         mgr.close()
     assert not _writer_threads()
-    monkeypatch.setattr(components, "write_rank_files", real)
+    monkeypatch.undo()
     assert CheckpointManager(ckpt_dir).all_steps() == [1]
 
 
 def test_second_save_waits_for_the_first(ckpt_dir, convnet, monkeypatch):
-    real = components.write_rank_files
+    real = PlainFormat.write
     release = threading.Event()
     finished = []
 
@@ -91,7 +90,7 @@ def test_second_save_waits_for_the_first(ckpt_dir, convnet, monkeypatch):
         result = real(*args, **kwargs)
         finished.append(time.monotonic())
         return result
-    monkeypatch.setattr(components, "write_rank_files", slow)
+    monkeypatch.setattr(PlainFormat, "write", slow)
     with CheckpointManager(ckpt_dir, async_save=True) as mgr:
         mgr.save(1, model=convnet)           # returns while the writer is blocked
         threading.Timer(0.3, release.set).start()

@@ -9,7 +9,7 @@ import torch
 
 import ckptmgr
 from ckptmgr import CheckpointManager, CorruptCheckpointError
-from ckptmgr.manifest import FileEntry, Manifest
+from ckptmgr.format.manifest import FileEntry, Manifest
 from tests.conftest import ConvNet
 from tests.manager.helpers import assert_same
 

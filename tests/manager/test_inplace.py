@@ -40,6 +40,7 @@ def test_restore_reads_into_the_live_tensors(ckpt_dir, convnet):
 
 def test_in_place_false_keeps_the_model_untouched_when_verification_fails(ckpt_dir, convnet):
     import os
+
     from ckptmgr import ChecksumError
     mgr = CheckpointManager(ckpt_dir)
     mgr.save(1, model=convnet)

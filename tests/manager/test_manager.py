@@ -6,9 +6,15 @@ import pytest
 import torch
 
 import ckptmgr
-from ckptmgr import (CheckpointError, CheckpointExistsError, CheckpointManager, CheckpointNotFoundError,
-                     UnserializableStateError, storage)
-from ckptmgr.manifest import FileEntry, Manifest
+from ckptmgr import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointManager,
+    CheckpointNotFoundError,
+    UnserializableStateError,
+)
+from ckptmgr.format.manifest import FileEntry, Manifest
+from ckptmgr.io.local import LocalStore
 from tests.conftest import ConvNet
 from tests.manager.helpers import assert_same, entries, tmp_names
 
@@ -64,7 +70,7 @@ def test_force_without_atomic_exchange_and_recovery(ckpt_dir, convnet, monkeypat
     mgr = CheckpointManager(ckpt_dir)
     mgr.save(1, model=_fill(convnet, 1.0))
     # A kernel or filesystem without renameat2(RENAME_EXCHANGE): two renames instead.
-    monkeypatch.setattr(storage, "exchange_dirs", lambda a, b: False)
+    monkeypatch.setattr(LocalStore, "exchange_dirs", lambda self, a, b: False)
     mgr.save(1, model=_fill(convnet, 2.0), force=True)
     fresh = ConvNet()
     mgr.restore(model=fresh)
@@ -170,8 +176,8 @@ def test_failed_save_commits_nothing_and_leaves_no_temp(ckpt_dir, convnet):
 
 
 def test_write_failure_after_some_files_leaves_nothing(ckpt_dir, convnet, monkeypatch):
-    from ckptmgr import components
-    real = components.write_component
+    from ckptmgr.step import formats
+    real = formats.write_component
     calls = []
 
     def flaky(dir_uri, base, obj, *args, **kwargs):
@@ -179,7 +185,7 @@ def test_write_failure_after_some_files_leaves_nothing(ckpt_dir, convnet, monkey
         if base == "meta":
             raise OSError(28, "No space left on device")
         return real(dir_uri, base, obj, *args, **kwargs)
-    monkeypatch.setattr(components, "write_component", flaky)
+    monkeypatch.setattr(formats, "write_component", flaky)
     mgr = CheckpointManager(ckpt_dir)
     with pytest.raises(OSError, match="No space"):
         mgr.save(1, model=convnet, extra={"epoch": 1})

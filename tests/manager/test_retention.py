@@ -1,8 +1,17 @@
 """Retention policies as pure functions over synthetic checkpoint lists."""
 import pytest
 
-from ckptmgr.retention import (AnyOf, CheckpointInfo, KeepAll, KeepBest, KeepEvery, KeepLast, best_of,
-                               build_policy, steps_to_delete)
+from ckptmgr.retention import (
+    AnyOf,
+    CheckpointInfo,
+    KeepAll,
+    KeepBest,
+    KeepEvery,
+    KeepLast,
+    best_of,
+    build_policy,
+    steps_to_delete,
+)
 
 
 def infos(steps, metrics=None):

@@ -101,7 +101,8 @@ def run_corruption(offsets: int, flips: int, seed: int = 0) -> Tally:
                 backup = path + ".pristine"
                 shutil.copyfile(path, backup)
                 for label, make in damages(pristine, rng, offsets, flips):
-                    def check(kind: str = kind, label: str = label, make: Callable[[], bytes] = make) -> None:
+                    def check(kind: str = kind, label: str = label, make: Callable[[], bytes] = make,
+                              path: str = path) -> None:
                         with open(path, "wb") as fh:
                             fh.write(make())
                         signal.alarm(LIMIT_S)

@@ -45,9 +45,9 @@ def _payload() -> Tuple[bytes, torch.Tensor]:
 
 
 def _cache_leftovers() -> List[str]:
-    home = ckptmgr.cache.cache_dir()
+    home = ckptmgr.hub.cache.cache_dir()
     out = []
-    for dirpath, _, names in os.walk(home):
+    for _, _, names in os.walk(home):
         out += [n for n in names if ".tmp" in n or n.endswith(".part")]
     return out
 
@@ -60,21 +60,22 @@ def run_http_faults(server: Any, rounds: int = 1) -> Tally:
                        "CKPTMGR_DOWNLOAD_BACKOFF": "0.01"})
     for r in range(rounds):
         for label, behaviour in TRANSIENT:
-            def ok(label: str = label, behaviour: Dict[str, Any] = behaviour) -> None:
+            def ok(label: str = label, behaviour: Dict[str, Any] = behaviour, r: int = r) -> None:
                 url = server.add(f"/t{r}/{label.replace(' ', '_')}.pth", data, **behaviour)
                 model = small_model(1)
                 ckptmgr.load_checkpoint(model, url, strict=True)
                 assert torch.equal(model[0].weight, weight), "loaded other numbers"
             tally.trial(f"{label} #{r}", ok)
         for label, behaviour, must_say in PERMANENT:
-            def fails(label: str = label, behaviour: Dict[str, Any] = behaviour, must_say: str = must_say) -> None:
+            def fails(label: str = label, behaviour: Dict[str, Any] = behaviour, must_say: str = must_say,
+                      r: int = r) -> None:
                 url = server.add(f"/p{r}/{label.replace(' ', '_')}.pth", data, **behaviour)
                 exc = expect_typed(lambda: ckptmgr.load_checkpoint(small_model(1), url), label)
                 assert must_say in str(exc) and "Hint:" in str(exc), str(exc)
                 assert not _cache_leftovers(), _cache_leftovers()
             tally.trial(f"{label} #{r}", fails)
         for status in (301, 302, 307, 308):
-            def redirected(status: int = status) -> None:
+            def redirected(status: int = status, r: int = r) -> None:
                 target = server.add(f"/r{r}/real-{status}.pth", data)
                 url = server.add(f"/r{r}/moved-{status}.pth", b"", redirect_to=target, redirect_status=status)
                 model = small_model(1)
@@ -84,7 +85,7 @@ def run_http_faults(server: Any, rounds: int = 1) -> Tally:
                     "the cache is keyed by the URL asked for, not where it redirected"
             tally.trial(f"redirect {status} followed #{r}", redirected)
 
-        def loop() -> None:
+        def loop(r: int = r) -> None:
             path = f"/r{r}/loop.pth"
             url = server.add(path, b"", redirect_to=path)
             exc = expect_typed(lambda: ckptmgr.load_checkpoint(small_model(1), url), "redirect loop")

@@ -123,7 +123,7 @@ def run_kills(n: int, async_save: bool, seed: int = 0) -> Tally:
         run = _Run(root, zygote, async_save)
         for i in range(n):
             delay = rng.uniform(0.0, 0.25)
-            tally.trial(f"kill {i} after {delay * 1000:.0f} ms", lambda: run.round(delay=delay))
+            tally.trial(f"kill {i} after {delay * 1000:.0f} ms", lambda delay=delay: run.round(delay=delay))
         tally.figures = dict(run.outcomes)
     zygote.close()
     return tally
@@ -138,7 +138,7 @@ def run_named(points: List[str] = NAMED, repeats: int = 1, async_save: bool = Fa
         with tempfile.TemporaryDirectory() as root:
             run = _Run(root, zygote, async_save)
             for i in range(repeats):
-                tally.trial(f"{point} #{i}", lambda: run.round(point=point))
+                tally.trial(f"{point} #{i}", lambda run=run, point=point: run.round(point=point))
             for key, value in run.outcomes.items():
                 outcomes[key] += value
     tally.figures = outcomes

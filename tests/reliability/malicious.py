@@ -27,7 +27,7 @@ import torch
 
 import ckptmgr
 from ckptmgr import CheckpointManager
-from ckptmgr.manifest import Manifest
+from ckptmgr.format.manifest import Manifest
 from tests.reliability.common import Tally, expect_typed, new_bucket, s3_env, small_model, start_moto
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -9,7 +9,7 @@ latest after the next, successful save).
   before the manifest;
 * a real ``RLIMIT_FSIZE`` in a child process (SIGXFSZ ignored, so ``write``
   fails with EFBIG), at several limits;
-* ENOSPC raised by the file object ``storage.atomic_write`` yields, after a
+* ENOSPC raised by the file object a local store's ``atomic_write`` yields, after a
   random number of bytes of the save.
 """
 from __future__ import annotations
@@ -27,7 +27,9 @@ from typing import Any, Dict, List
 import torch
 
 import ckptmgr
-from ckptmgr import CheckpointManager, faults, storage
+from ckptmgr import CheckpointManager, faults
+from ckptmgr.io.local import LocalStore
+from ckptmgr.step.files import read_manifest
 from tests.multiproc import run_ranks
 from tests.reliability.common import Tally, small_model
 
@@ -176,19 +178,19 @@ class _FullDisk:
 
 @contextlib.contextmanager
 def disk_fills_after(budget: int):
-    """Patch storage.atomic_write so writes fail with ENOSPC after ``budget`` bytes."""
-    real = storage.atomic_write
+    """Patch local stores' atomic_write so writes fail with ENOSPC after ``budget`` bytes."""
+    real = LocalStore.atomic_write
     left = [budget]
 
     @contextlib.contextmanager
-    def wrapped(uri: str, storage_options: Any = None):
-        with real(uri, storage_options) as fh:
+    def wrapped(self: LocalStore, name: str = ""):
+        with real(self, name) as fh:
             yield _FullDisk(fh, left)
-    storage.atomic_write = wrapped
+    LocalStore.atomic_write = wrapped  # type: ignore[method-assign]
     try:
         yield
     finally:
-        storage.atomic_write = real
+        LocalStore.atomic_write = real  # type: ignore[method-assign]
 
 
 def run_enospc(n: int, seed: int = 0) -> Tally:
@@ -202,7 +204,7 @@ def run_enospc(n: int, seed: int = 0) -> Tally:
     with tempfile.TemporaryDirectory() as root:
         mgr = CheckpointManager(os.path.join(root, "run"), max_to_keep=2)
         mgr.save(0, model=model, optimizer=opt)
-        total = sum(e.size for e in ckptmgr.components.read_manifest(mgr._step_uri(0)).files.values())
+        total = sum(e.size for e in read_manifest(mgr.store.sub('step_00000000')).files.values())
         for i in range(1, n + 1):
             offset = rng.randrange(0, total)
 

@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from ckptmgr import CheckpointManager, storage
+from ckptmgr import CheckpointManager
+from ckptmgr import io as storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -181,7 +181,8 @@ def phase_kill(rank, world, root):
     """2 ranks: a committed step 1, then rank 1 dies inside dcp.save of step 2 (after writing its shard)."""
     import torch
 
-    from ckptmgr import CheckpointManager, dcp_storage
+    from ckptmgr import CheckpointManager
+    from ckptmgr.sharded import dcp_io as dcp_storage
     _setup()
     model, opt = build(world, 0)
     seed_data(300 + rank)

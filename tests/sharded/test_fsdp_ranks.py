@@ -90,9 +90,10 @@ def test_s3_round_trip_with_a_forced_overwrite(two):
 
 
 def test_layout_is_dcp_files_plus_the_usual_components(root, two):
-    from ckptmgr import components
+    from ckptmgr.io import open_store
+    from ckptmgr.step.files import read_manifest
     step = os.path.join(root, "two", "step_00000001")
-    manifest = components.read_manifest(step)
+    manifest = read_manifest(open_store(step))
     assert "model" not in manifest.components and "optimizer" not in manifest.components
     assert manifest.components["sharded"]["metadata"] == "dcp.metadata"
     assert {"__0_0.distcp", "__1_0.distcp", "dcp.metadata", "extra.json", "meta.json",

@@ -87,7 +87,8 @@ def test_sharded_setting_is_validated_and_auto_keeps_plain_models_unsharded(tmp_
         with pytest.raises(ValueError, match="sharded"):
             CheckpointManager(str(tmp_path), sharded=bad)
     model = plain_model()
-    assert not sharded.use_sharded("auto", model) and sharded.use_sharded(True, model)
+    from ckptmgr.sharded.detect import use_sharded
+    assert not use_sharded("auto", model) and use_sharded(True, model)
     path = CheckpointManager(str(tmp_path / "plain")).save(1, model=model)
     assert "model.safetensors" in os.listdir(path)
 

@@ -1,10 +1,10 @@
-"""storage.atomic_write: a failed write never replaces or damages what was there."""
+"""ckptmgr.io.atomic_write: a failed write never replaces or damages what was there."""
 import os
 import stat
 
 import pytest
 
-from ckptmgr import storage
+from ckptmgr import io as storage
 from ckptmgr.errors import CheckpointNotFoundError, StorageError
 
 

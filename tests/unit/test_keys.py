@@ -4,7 +4,7 @@ from collections import OrderedDict
 import pytest
 
 from ckptmgr.errors import CheckpointFormatError
-from ckptmgr.keys import revise_keys, select_prefix, top_level_prefixes
+from ckptmgr.state.keys import revise_keys, select_prefix, top_level_prefixes
 
 
 def test_revise_keys_in_order_and_metadata():

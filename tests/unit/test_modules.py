@@ -52,7 +52,8 @@ def test_accelerate_prepared_model(convnet):
 def test_wrapper_nested_inside_model_gives_clean_keys():
     torch.manual_seed(0)
     plain = nn.Sequential(ConvNet(), nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
-    wrapped = nn.Sequential(nn.DataParallel(ConvNet()), nn.Sequential(nn.Linear(3, 3), nn.DataParallel(nn.BatchNorm1d(3))))
+    wrapped = nn.Sequential(nn.DataParallel(ConvNet()),
+                            nn.Sequential(nn.Linear(3, 3), nn.DataParallel(nn.BatchNorm1d(3))))
     wrapped.load_state_dict({k: v for k, v in zip(wrapped.state_dict(), plain.state_dict().values())})
     sd = get_state_dict(torch.compile(wrapped))
     _same(sd, plain.state_dict())
@@ -60,7 +61,8 @@ def test_wrapper_nested_inside_model_gives_clean_keys():
     assert sd._metadata["1.1"] == {"version": 2}  # BatchNorm1d._version
     assert sd._metadata["0.bn"] == {"version": 2}
     # and loading clean keys back into the wrapped tree works strictly
-    target = nn.Sequential(nn.DataParallel(ConvNet()), nn.Sequential(nn.Linear(3, 3), nn.DataParallel(nn.BatchNorm1d(3))))
+    target = nn.Sequential(nn.DataParallel(ConvNet()),
+                           nn.Sequential(nn.Linear(3, 3), nn.DataParallel(nn.BatchNorm1d(3))))
     report = load_state_dict(target, sd, strict=True)
     assert report.ok
     _same(get_state_dict(target), plain.state_dict())
@@ -104,7 +106,7 @@ def test_register_custom_wrapper():
         with pytest.raises(TypeError):
             ckptmgr.register_module_wrapper(int)
     finally:
-        from ckptmgr import modules
+        from ckptmgr.state import modules
         modules._WRAPPERS.pop(Holder, None)
 
 

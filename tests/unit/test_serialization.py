@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from ckptmgr.errors import CorruptCheckpointError, UnserializableStateError
-from ckptmgr.serialization import (from_skeleton, read_safetensors, read_safetensors_header, sniff_format,
-                                   to_skeleton, write_safetensors)
+from ckptmgr.format.checkpoint_file import sniff_format
+from ckptmgr.format.safetensors import read_safetensors, read_safetensors_header, write_safetensors
+from ckptmgr.format.skeleton import from_skeleton, to_skeleton
 
 
 def test_skeleton_round_trip_exotic_values():

@@ -1,0 +1,166 @@
+"""The manifest: the commit record of one checkpoint step.
+
+A CheckpointManager checkpoint is a directory ``step_00000100/`` (a prefix on
+object stores) holding data files and, written last, ``manifest.json``: the
+step, the size and checksum of every data file, the metrics, and which file
+holds which component. A checkpoint exists for readers only when its manifest
+parses and its own checksum matches, so a torn, half-deleted or bit-flipped
+checkpoint is never mistaken for a good one. This module owns that format and
+the comparisons of files against it; where the manifest is written is the
+step layer's business.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional
+
+from ..errors import CheckpointFormatError, ChecksumError, CorruptCheckpointError
+from ..io.store import Store
+from .checksum import FileEntry, HashingReader
+
+__all__ = ["MANIFEST_NAME", "FORMAT", "FORMAT_VERSION", "FileEntry", "Manifest", "check_sizes", "compare",
+           "verify_file"]
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "ckptmgr.checkpoint"
+FORMAT_VERSION = 1
+
+_FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)?$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+
+@dataclass
+class Manifest:
+    """The commit record of one checkpoint.
+
+    Attributes:
+        step: Training step.
+        files: Relative file name -> :class:`FileEntry`, for every data file.
+        components: What each file holds: ``{'model': 'model.safetensors', ...,
+            'rng': {'0': 'rng-rank00000.safetensors', ...}}``.
+        metrics: JSON metrics given to ``save``.
+        world_size: Number of ranks that wrote the checkpoint.
+        time: ISO-8601 UTC time of the commit.
+        format_version: Layout version (readers refuse newer ones).
+    """
+
+    step: int
+    files: Dict[str, FileEntry]
+    components: Dict[str, Any]
+    metrics: Dict[str, Any] = field(default_factory=dict)
+    world_size: int = 1
+    time: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def _body(self) -> Dict[str, Any]:
+        return {
+            "format": FORMAT, "format_version": self.format_version, "step": self.step,
+            "time": self.time, "world_size": self.world_size, "metrics": self.metrics,
+            "components": self.components,
+            "files": {name: {"size": e.size, "sha256": e.sha256} for name, e in sorted(self.files.items())},
+        }
+
+    def to_bytes(self) -> bytes:
+        """Serialise, with a sha256 of the canonical body so any changed byte is detected."""
+        body = self._body()
+        body["manifest_sha256"] = _digest(body)
+        return _render(body)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "manifest") -> "Manifest":
+        """Parse and self-check a manifest.
+
+        Raises:
+            CorruptCheckpointError: not JSON, self-checksum mismatch, or malformed fields.
+            CheckpointFormatError: written by a newer ckptmgr (unknown format version).
+        """
+        try:
+            body = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptCheckpointError(f"{source} is not valid JSON ({exc}); the checkpoint is damaged") from exc
+        if not isinstance(body, dict) or body.get("format") != FORMAT:
+            raise CorruptCheckpointError(f"{source} is not a ckptmgr manifest")
+        if _render(body) != data:  # even whitespace: a manifest is exactly what to_bytes() wrote
+            raise ChecksumError(f"{source} differs from the bytes ckptmgr wrote; the checkpoint is damaged")
+        recorded = body.pop("manifest_sha256", None)
+        if recorded != _digest(body):
+            raise ChecksumError(f"{source} does not match its own checksum; the checkpoint is damaged")
+        version = body.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise CheckpointFormatError(f"{source} has format version {version!r}; this ckptmgr reads up to "
+                                        f"{FORMAT_VERSION}", "upgrade ckptmgr to read this checkpoint")
+        try:
+            files = {str(n): FileEntry(int(e["size"]), str(e["sha256"])) for n, e in body["files"].items()}
+            manifest = cls(step=int(body["step"]), files=files, components=dict(body["components"]),
+                           metrics=dict(body.get("metrics") or {}), world_size=int(body.get("world_size", 1)),
+                           time=str(body.get("time", "")), format_version=version)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CorruptCheckpointError(f"{source} is malformed: {exc!r}") from exc
+        for name, entry in files.items():
+            if not _FILE_RE.match(name) or ".." in name or not _HEX64.match(entry.sha256) or entry.size < 0:
+                raise CorruptCheckpointError(f"{source} lists an invalid file entry {name!r}")
+        return manifest
+
+    def file_for(self, component: str) -> Optional[str]:
+        """The file holding ``component`` (``'model'``, ``'optimizer'``, ...), or None."""
+        name = self.components.get(component)
+        return name if isinstance(name, str) else None
+
+    def rng_file(self, rank: int) -> Optional[str]:
+        """The RNG file written by ``rank``, or None."""
+        table = self.components.get("rng") or {}
+        return table.get(str(rank)) if isinstance(table, dict) else None
+
+
+def _render(body: Mapping[str, Any]) -> bytes:
+    return json.dumps(body, indent=1, sort_keys=True, allow_nan=False).encode("utf-8") + b"\n"
+
+
+def _digest(body: Mapping[str, Any]) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+
+
+def check_sizes(manifest: Manifest, present: Mapping[str, int], source: str) -> None:
+    """Compare the manifest's sizes with a listing of the step directory.
+
+    Raises:
+        CorruptCheckpointError: a listed file is missing.
+        ChecksumError: a file has another size than recorded (truncated or appended to).
+    """
+    for name, entry in sorted(manifest.files.items()):
+        if name not in present:
+            raise CorruptCheckpointError(f"{source}: {name} is listed in the manifest but missing")
+        if present[name] != entry.size:
+            raise ChecksumError(f"{source}: {name} is {present[name]} bytes, the manifest recorded {entry.size}")
+
+
+def compare(name: str, got: FileEntry, want: FileEntry, source: str) -> None:
+    """Raise ChecksumError when ``got`` differs from ``want``."""
+    if got.size != want.size:
+        raise ChecksumError(f"{source}: {name} is {got.size} bytes, the manifest recorded {want.size}")
+    if got.sha256 != want.sha256:
+        raise ChecksumError(f"{source}: sha256 of {name} is {got.sha256[:16]}..., "
+                            f"the manifest recorded {want.sha256[:16]}...")
+
+
+def verify_file(store: Store, name: str, want: FileEntry) -> None:
+    """Stream one file of a step (``store`` is the step directory) and check its size and checksum.
+
+    Raises:
+        ChecksumError: the bytes differ from the manifest.
+        CorruptCheckpointError: the file is missing, or a link out of the directory.
+    """
+    store.check_inside(name)
+    try:
+        with store.open_read(name) as fh:
+            got = HashingReader(fh).finish()
+    except FileNotFoundError as exc:
+        raise CorruptCheckpointError(f"{store.root}: {name} is listed in the manifest but missing") from exc
+    compare(name, got, want, store.root)

@@ -1,0 +1,80 @@
+"""``torch.save`` files: written as they are, read with ``weights_only=True`` unless the caller trusts them.
+
+Full unpickling happens only with ``trust_pickle=True``; a pickle that needs
+code is told apart from a damaged file without running it (``pickletools``
+parses opcodes, it never executes them).
+"""
+from __future__ import annotations
+
+import errno
+import pickle
+import struct
+from typing import IO, Any, Optional
+
+import torch
+
+from ..errors import CorruptCheckpointError, UnsafeCheckpointError
+from .maplocation import MapLocation
+
+__all__ = ["save_torch", "load_torch"]
+
+
+
+def save_torch(obj: Any, fileobj: IO[bytes]) -> None:
+    """``torch.save`` into an open binary file (local or fsspec)."""
+    torch.save(obj, fileobj)
+
+
+def load_torch(fileobj: IO[bytes], map_location: MapLocation = None, trust_pickle: bool = False,
+               source: str = "checkpoint") -> Any:
+    """``torch.load`` with ``weights_only=True`` unless the caller trusts the source.
+
+    Raises:
+        UnsafeCheckpointError: the file needs arbitrary pickle (classes, functions).
+        CorruptCheckpointError: the file is truncated or not a torch file.
+    """
+    start = fileobj.tell() if getattr(fileobj, "seekable", lambda: False)() else None
+    try:
+        if trust_pickle:  # explicit opt-in by the caller: the only full unpickling in ckptmgr
+            return torch.load(fileobj, map_location=map_location, weights_only=False)  # trust_pickle=True
+        return torch.load(fileobj, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "GLOBAL" in text or "global" in text or _plain_pickle_needing_code(fileobj, start):
+            raise UnsafeCheckpointError(
+                f"{source} needs arbitrary pickle code to load ({_first_reason(text)})") from exc
+        raise CorruptCheckpointError(f"{source} is not a valid torch checkpoint: {_first_reason(text)}") from exc
+    except (RuntimeError, EOFError, KeyError, ValueError, IndexError, OSError, struct.error,
+            UnicodeDecodeError, AttributeError, TypeError, OverflowError, MemoryError) as exc:
+        # A real I/O error propagates; EINVAL is a seek to an offset a damaged zip directory made up.
+        if isinstance(exc, OSError) and not isinstance(exc, EOFError) and exc.errno not in (None, errno.EINVAL):
+            raise
+        raise CorruptCheckpointError(
+            f"{source} could not be read as a torch checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from exc
+
+
+_CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"}
+
+
+def _plain_pickle_needing_code(fileobj: IO[bytes], start: Optional[int]) -> bool:
+    """True when the stream is a well-formed plain pickle that imports or calls something.
+
+    torch's restricted unpickler rejects some valid pickles (e.g. protocol 4
+    frames) with a generic message; ``pickletools.genops`` only parses opcodes
+    (it never executes them), which tells "needs arbitrary code" from "garbage".
+    """
+    if start is None:
+        return False
+    import pickletools
+    try:
+        fileobj.seek(start)
+        return any(op.name in _CODE_OPCODES for op, _, _ in pickletools.genops(fileobj))
+    except Exception:  # not a parseable pickle: it is corrupt, not unsafe
+        return False
+
+
+def _first_reason(text: str) -> str:
+    for line in text.splitlines():
+        if "GLOBAL" in line or "Unsupported" in line or "Unpickler" in line:
+            return line.strip()
+    return text.strip().splitlines()[0][:200] if text.strip() else "unknown reason"

@@ -1,0 +1,187 @@
+"""torch.distributed.checkpoint (DCP) storage that fits ckptmgr's commit protocol and trust rules.
+
+DCP writes one data file per rank (``__<rank>_<n>.distcp``) and one metadata
+file, a pickle, that it unpickles on load. Two things have to change for
+ckptmgr: every file of a checkpoint is listed in the manifest, whose names
+never start with a dot, so the metadata is written as ``dcp.metadata``
+instead of DCP's ``.metadata``; and no byte of that pickle is unpickled before
+its sha256 matches the manifest. The reader here checks the very bytes it then
+unpickles, so nothing can swap the file between the check and the load.
+
+Only the metadata name, the metadata read and the read of non-tensor entries
+(``weights_only=True`` instead of DCP's full pickle) are overridden; writing
+and reading tensors stay DCP's own.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+from typing import Any, Dict, Optional
+
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+from ..errors import CheckpointError, CorruptCheckpointError, DistributedError, UnsafeCheckpointError
+from ..format.checksum import FileEntry, HashingReader
+from ..io.store import Store
+from .layout import METADATA_NAME, check_metadata_bytes, is_data_file
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["METADATA_NAME", "is_data_file", "writer", "reader", "hash_files", "check_metadata_bytes", "translate",
+           "SafeLoadPlanner", "SafeEmptyLoadPlanner"]
+
+
+class _NamedMetadata:
+    """Mixin: DCP's metadata under :data:`METADATA_NAME` (rank-local variants keep DCP's pattern)."""
+
+    def _get_metadata_path(self, rank: Optional[int] = None) -> Any:
+        name = METADATA_NAME if rank is None else f"__{rank}_{METADATA_NAME}"
+        return self.fs.concat_path(self.path, name)  # type: ignore[attr-defined]
+
+
+class _Recording(_NamedMetadata):
+    """Mixin for writers: remember the data files this rank wrote (no listing, which may be stale on S3)."""
+
+    written: tuple = ()
+
+    def write_data(self, plan: Any, planner: Any) -> Any:
+        future = super().write_data(plan, planner)  # type: ignore[misc]
+        self.written = tuple(sorted({result.storage_data.relative_path for result in future.wait()}))
+        return future
+
+
+class _LocalWriter(_Recording, FileSystemWriter):
+    pass
+
+
+class _RemoteWriter(_Recording, FsspecWriter):
+    pass
+
+
+class _VerifiedMetadata(_NamedMetadata):
+    """Mixin: read the metadata pickle only after its bytes match the manifest."""
+
+    expected: Optional[FileEntry] = None
+    source: str = ""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if self.expected is None:
+            raise CorruptCheckpointError(f"{self.source}: no manifest entry for {METADATA_NAME}; refusing to "
+                                         "unpickle DCP metadata that nothing vouches for")
+        path = self._get_metadata_path(kwargs.get("rank"))
+        try:
+            with self.fs.create_stream(path, "rb") as fh:  # type: ignore[attr-defined]
+                data = fh.read()
+        except FileNotFoundError as exc:
+            raise CorruptCheckpointError(f"{self.source}: {METADATA_NAME} is listed in the manifest but missing") \
+                from exc
+        check_metadata_bytes(data, self.expected, self.source)
+        metadata = pickle.loads(data)  # checked above: these are the bytes the manifest vouches for
+        if not isinstance(metadata, Metadata):
+            raise CorruptCheckpointError(f"{self.source}: {METADATA_NAME} holds a {type(metadata).__name__}, "
+                                         "not DCP metadata")
+        storage_meta = metadata.storage_meta or StorageMeta()
+        storage_meta.load_id = self.load_id  # type: ignore[attr-defined]
+        metadata.storage_meta = storage_meta
+        return metadata
+
+
+class _LocalReader(_VerifiedMetadata, FileSystemReader):
+    pass
+
+
+class _RemoteReader(_VerifiedMetadata, FsspecReader):
+    pass
+
+
+def writer(store: Store) -> Any:
+    """A DCP StorageWriter into the directory ``store``; it never overwrites metadata.
+
+    Local files are fsynced by DCP; on object stores each file is one upload.
+    """
+    if store.is_local:
+        return _LocalWriter(store.root, sync_files=True, overwrite=False)
+    out = _RemoteWriter(store.root, overwrite=False)
+    out.fs.fs = store.fs  # type: ignore[attr-defined]  # ckptmgr's options (endpoint, credentials)
+    return out
+
+
+def reader(store: Store, expected: FileEntry, source: str) -> Any:
+    """A DCP StorageReader over ``store`` that verifies the metadata against ``expected`` before unpickling."""
+    if store.is_local:
+        out: Any = _LocalReader(store.root)
+    else:
+        out = _RemoteReader(store.root)
+        out.fs.fs = store.fs  # type: ignore[attr-defined]
+    out.expected = expected
+    out.source = source
+    return out
+
+
+def hash_files(store: Store, names: Any) -> Dict[str, FileEntry]:
+    """Size and checksum of each name (relative to ``store``), read back from storage."""
+    out: Dict[str, FileEntry] = {}
+    for name in sorted(names):
+        with store.open_read(name) as fh:
+            out[name] = HashingReader(fh).finish()
+    return out
+
+
+def translate(exc: BaseException, what: str) -> CheckpointError:
+    """A ckptmgr error for DCP's CheckpointException (a BaseException that gathers every rank's failure).
+
+    A ckptmgr error raised inside DCP (a ChecksumError from the metadata
+    check) comes back as itself; anything else becomes a DistributedError
+    naming the first failing rank. Callers must never let the BaseException
+    escape: ckptmgr's agreement catches ``Exception`` only.
+    """
+    failures = getattr(exc, "failures", None) or {}
+    for rank in sorted(failures):
+        inner = failures[rank][0] if isinstance(failures[rank], tuple) else failures[rank]
+        if isinstance(inner, CheckpointError):
+            return inner
+    for rank in sorted(failures):
+        inner = failures[rank][0] if isinstance(failures[rank], tuple) else failures[rank]
+        return DistributedError(f"{what}: torch.distributed.checkpoint failed on rank {rank}: "
+                                f"{type(inner).__name__}: {inner}")
+    return DistributedError(f"{what}: torch.distributed.checkpoint failed: {exc}")
+
+
+def _load_plain(value: Any, fqn: str) -> Any:
+    """A non-tensor entry (an lr, the params list of a group) without pickle code: ``weights_only=True``."""
+    import torch
+    try:
+        return torch.load(value, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(f"DCP entry {fqn} needs pickle code to load; ckptmgr refuses it",
+                                    "a sharded checkpoint holds tensors and plain values only; this one was "
+                                    "altered or written by other code") from exc
+
+
+class _SafeBytes:
+    """Mixin for DCP load planners: non-tensor entries are read with ``weights_only=True``, never full pickle.
+
+    DCP's own planners unpickle these entries without restriction (a full
+    ``torch.load``); model and optimizer state hold only numbers, strings,
+    tuples and lists there, which the restricted unpickler reads.
+    """
+
+    def load_bytes(self, read_item: Any, value: Any) -> None:
+        from torch.distributed.checkpoint._traverse import set_element
+        fqn = read_item.dest_index.fqn
+        obj = _load_plain(value, fqn)
+        if self.flatten_state_dict:  # type: ignore[attr-defined]
+            set_element(self.original_state_dict, self.mappings[fqn], obj)  # type: ignore[attr-defined]
+        else:
+            self.state_dict[fqn] = obj  # type: ignore[attr-defined]
+
+
+class SafeLoadPlanner(_SafeBytes, DefaultLoadPlanner):
+    """DCP's DefaultLoadPlanner with :class:`_SafeBytes` (loads into an existing state dict)."""
+
+
+class SafeEmptyLoadPlanner(_SafeBytes, _EmptyStateDictLoadPlanner):
+    """DCP's planner that rebuilds a full state dict from the metadata, with :class:`_SafeBytes`."""

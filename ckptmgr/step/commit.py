@@ -1,0 +1,253 @@
+"""How a step's files become one committed checkpoint, and how a committed one is removed.
+
+A crash at any instant must leave each step either committed and complete or
+invisible. Two protocols do that, one per kind of store (as Orbax's
+temporary-path classes do); :func:`protocol_for` picks by the store's
+``commit_style``:
+
+* :class:`RenameCommit` (local disk): files go into ``.tmp-step_N-<uuid>``
+  beside the final directory, each fsynced; the manifest is written last; the
+  directory is renamed into place and the parent fsynced. Replacing a
+  committed step swaps the two directories atomically
+  (``renameat2(RENAME_EXCHANGE)``); where the kernel lacks it, two renames
+  leave the old copy under ``.old-step_N-<uuid>`` for an instant, and the next
+  save renames it back if the process died there.
+* :class:`ManifestLastCommit` (object stores, other fsspec filesystems): data
+  objects are uploaded (each atomically) into the step prefix, then the
+  manifest object, whose single PUT is the commit. Replacing a committed step
+  writes the new data under ``step_N/rev-<id>/`` so the old manifest stays
+  valid until the new one overwrites it in one PUT.
+
+Both uncommit before deleting (a rename away, or the manifest deleted first),
+so retention never leaves a committed partial step either.
+"""
+from __future__ import annotations
+
+import abc
+import logging
+import uuid
+from typing import Any, Callable, Iterable, List
+
+from ..errors import CheckpointExistsError, StorageError
+from ..faults import fault_point
+from ..format.manifest import MANIFEST_NAME, Manifest
+from ..io.local import LocalStore
+from ..io.store import Store
+from .files import probe
+from .names import is_temp_name, old_name, parse_old_name, step_name, temp_name
+from .records import WritePlan
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CommitProtocol", "RenameCommit", "ManifestLastCommit", "protocol_for", "run_reclaims"]
+
+Reclaim = Callable[[], None]
+
+
+def _quietly(func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    try:
+        func(*args, **kwargs)
+    except Exception as exc:  # tidying is best effort; the next save tries again
+        logger.warning("could not remove %s: %s", args[0] if args else "?", exc)
+
+
+class CommitProtocol(abc.ABC):
+    """The commit protocol of one manager directory (``store``).
+
+    Call sequence of a save (rank 0 for all but the writes): :meth:`prepare`,
+    every rank writes into ``plan.root``, :meth:`commit` (or :meth:`abort` on
+    any failure). Retention calls :meth:`uncommit`; the next save calls
+    :meth:`clean_leftovers` first.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def _check_target(self, step: int, force: bool) -> str:
+        final = step_name(step)
+        if self.store.exists(final) and not self.store.isdir(final):
+            raise StorageError(f"{self.store.uri(final)} exists and is not a checkpoint directory",
+                               "move that file out of the way; ckptmgr never deletes what it did not write")
+        status = probe(self.store.sub(final))
+        if status == "committed" and not force:
+            raise CheckpointExistsError(f"step {step} is already committed in {self.store.root}")
+        if status == "damaged":
+            logger.warning("replacing %s: its manifest is damaged", self.store.uri(final))
+        elif status == "absent" and self.store.exists(final):
+            logger.warning("replacing %s: it holds no manifest (an uncommitted or foreign copy)",
+                           self.store.uri(final))
+        return status
+
+    @abc.abstractmethod
+    def prepare(self, step: int, force: bool) -> WritePlan:
+        """Check the step and make room for it (rank 0, before anything is written).
+
+        Raises:
+            CheckpointExistsError: ``step`` is committed and ``force`` is False.
+            StorageError: a file (not a directory) has the step's name.
+        """
+
+    def check_visible(self, plan: WritePlan, manifest: Manifest) -> None:
+        """Every file the manifest lists is present with its size (another rank's files included).
+
+        Raises:
+            StorageError: a file is not visible here (for a local directory: not
+                on a filesystem shared by every rank).
+        """
+        present = self.store.list_files(plan.root)
+        unseen = sorted(n for n, e in manifest.files.items() if present.get(n) != e.size)
+        if unseen:
+            raise StorageError(f"{', '.join(unseen)} written for step {manifest.step} are not visible in "
+                               f"{self.store.uri(plan.root)}",
+                               "every rank must see the same directory: use a filesystem shared by all nodes "
+                               "or an object store URL")
+
+    @abc.abstractmethod
+    def commit(self, plan: WritePlan, manifest: Manifest) -> None:
+        """Write the manifest last and make the step visible; then tidy what it replaced."""
+
+    @abc.abstractmethod
+    def abort(self, plan: WritePlan) -> None:
+        """Remove what a failed save wrote (best effort; leftovers are cleaned at the next save)."""
+
+    @abc.abstractmethod
+    def uncommit(self, step: int) -> Reclaim:
+        """Make a committed step invisible in one atomic operation; return what frees its space.
+
+        Freeing gigabytes of file blocks takes a while; the caller may run the
+        returned function later (the step is gone from every listing already).
+        """
+
+    @abc.abstractmethod
+    def clean_leftovers(self, names: Iterable[str], uncommitted: Iterable[int] = ()) -> List[str]:
+        """Remove what crashed saves left behind, and nothing else; returns the names removed (or restored).
+
+        Args:
+            names: The directory's entries (one listing).
+            uncommitted: Steps whose directory exists without a manifest.
+        """
+
+
+class RenameCommit(CommitProtocol):
+    """Local disk: a temporary directory renamed into place."""
+
+    store: LocalStore
+
+    def prepare(self, step: int, force: bool) -> WritePlan:
+        self._check_target(step, force)
+        final = step_name(step)
+        self.store.makedirs()
+        tmp = temp_name(step)
+        self.store.make_dir(tmp)
+        return WritePlan(final, tmp, "", self.store.exists(final))
+
+    def commit(self, plan: WritePlan, manifest: Manifest) -> None:
+        self.check_visible(plan, manifest)
+        fault_point("save.before_manifest")
+        self.store.write_bytes(f"{plan.write_dir}/{MANIFEST_NAME}", manifest.to_bytes())
+        fault_point("save.after_manifest")  # durable manifest, still under the temporary name
+        if not plan.replace:
+            self.store.rename_dir(plan.write_dir, plan.final)
+            return
+        if self.store.exchange_dirs(plan.write_dir, plan.final):
+            _quietly(self.store.remove, plan.write_dir, recursive=True)  # now holds the replaced checkpoint
+            return
+        # No atomic swap here: the one window where neither copy has the final name.
+        # clean_leftovers() renames the old copy back if the process dies in it.
+        old = old_name(manifest.step)
+        self.store.rename_dir(plan.final, old)
+        try:
+            self.store.rename_dir(plan.write_dir, plan.final)
+        except BaseException:
+            self.store.rename_dir(old, plan.final)  # put the old checkpoint back before reporting
+            raise
+        _quietly(self.store.remove, old, recursive=True)
+
+    def abort(self, plan: WritePlan) -> None:
+        _quietly(self.store.remove, plan.write_dir, recursive=True)
+
+    def uncommit(self, step: int) -> Reclaim:
+        trash = temp_name(step)
+        self.store.rename_dir(step_name(step), trash)  # takes the manifest with it, atomically
+        fault_point("retention.after_uncommit")
+
+        def reclaim() -> None:
+            self.store.remove(f"{trash}/{MANIFEST_NAME}")
+            self.store.remove(trash, recursive=True)
+        return reclaim
+
+    def clean_leftovers(self, names: Iterable[str], uncommitted: Iterable[int] = ()) -> List[str]:
+        # A local save never writes into a final step directory, so an uncommitted one is not ours to remove.
+        present = set(names)
+        done = []
+        for name in sorted(present):
+            if is_temp_name(name):
+                _quietly(self.store.remove, name, recursive=True)
+                done.append(name)
+            elif parse_old_name(name):
+                target = parse_old_name(name)
+                if target in present:
+                    _quietly(self.store.remove, name, recursive=True)
+                else:  # the process died between the two renames of a forced save: roll back
+                    logger.warning("restoring %s from %s (a forced save was interrupted)", target, name)
+                    self.store.rename_dir(name, str(target))
+                    present.add(str(target))
+                done.append(name)
+        return done
+
+
+class ManifestLastCommit(CommitProtocol):
+    """Object stores and other fsspec filesystems: data objects first, the manifest object last."""
+
+    def prepare(self, step: int, force: bool) -> WritePlan:
+        status = self._check_target(step, force)
+        final = step_name(step)
+        if status == "committed":
+            prefix = f"rev-{uuid.uuid4().hex[:12]}/"
+            return WritePlan(final, f"{final}/{prefix}", prefix, True)
+        self.store.remove(final, recursive=True)  # uncommitted leftovers
+        return WritePlan(final, final, "", False)
+
+    def commit(self, plan: WritePlan, manifest: Manifest) -> None:
+        self.check_visible(plan, manifest)
+        fault_point("save.before_manifest")
+        self.store.write_bytes(f"{plan.final}/{MANIFEST_NAME}", manifest.to_bytes())
+        fault_point("save.after_manifest")  # the manifest PUT is the commit
+        if plan.replace:  # the old revision's objects are unreferenced now
+            keep = set(manifest.files) | {MANIFEST_NAME}
+            for name in self.store.list_files(plan.final):
+                if name not in keep:
+                    _quietly(self.store.remove, f"{plan.final}/{name}")
+
+    def abort(self, plan: WritePlan) -> None:
+        _quietly(self.store.remove, plan.write_dir if plan.prefix else plan.final, recursive=True)
+
+    def uncommit(self, step: int) -> Reclaim:
+        final = step_name(step)
+        self.store.remove(f"{final}/{MANIFEST_NAME}")
+        fault_point("retention.after_uncommit")
+        return lambda: self.store.remove(final, recursive=True)
+
+    def clean_leftovers(self, names: Iterable[str], uncommitted: Iterable[int] = ()) -> List[str]:
+        # Step prefixes without a manifest are interrupted uploads here: nothing else writes them.
+        done = []
+        for step in uncommitted:
+            _quietly(self.store.remove, step_name(step), recursive=True)
+            done.append(step_name(step))
+        return done
+
+
+def protocol_for(store: Store) -> CommitProtocol:
+    """The commit protocol of a store's kind (``commit_style``)."""
+    if store.commit_style == "rename":
+        return RenameCommit(store)
+    return ManifestLastCommit(store)
+
+
+def run_reclaims(reclaims: Iterable[Reclaim]) -> None:
+    """Run the space-freeing functions :meth:`CommitProtocol.uncommit` returned; failures are only logged."""
+    for reclaim in reclaims:
+        try:
+            reclaim()
+        except Exception as exc:  # the next save's leftover cleaning tries again
+            logger.warning("could not free the space of a deleted checkpoint: %s", exc)

@@ -1,0 +1,164 @@
+"""Reading committed steps back: one step checked against its manifest, or the newest good one.
+
+A restore must never apply a step that does not check out, and "the latest
+checkpoint" means the newest *good* one: a damaged newer step is skipped
+with a warning. :func:`newest_good` is that fallback, shared by the manager's
+restore and by ``load_checkpoint`` on a manager directory.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
+
+from ..distributed import agree, get_rank
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError
+from ..format.manifest import Manifest, check_sizes
+from ..format.maplocation import MapLocation
+from ..io.store import Store
+from ..state.objects import plain
+from .files import read_component, read_manifest
+from .formats import Formats, StepFormat, format_of
+from .index import StepIndex
+from .names import step_name
+from .records import LoadedStep, TrainingObjects
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["open_step", "read_step", "newest_good", "agree_on_step", "load_weights", "load_latest_weights"]
+
+T = TypeVar("T")
+
+
+def open_step(store: Store, step: int) -> Tuple[Store, Manifest]:
+    """The step directory of ``step`` and its manifest, which must record that step.
+
+    Raises:
+        CheckpointNotFoundError: the step has no manifest (never committed).
+        CorruptCheckpointError: the manifest is damaged or records another step.
+    """
+    step_store = store.sub(step_name(step))
+    try:
+        manifest = read_manifest(step_store)
+    except CheckpointNotFoundError:
+        raise CheckpointNotFoundError(f"step {step} has no committed checkpoint in {store.root}",
+                                      "`ckptmgr ls DIR` lists the committed steps") from None
+    if manifest.step != step:
+        raise CorruptCheckpointError(f"{step_store.root}: the manifest records step {manifest.step}")
+    return step_store, manifest
+
+
+def read_step(store: Store, step: int, rank: int, formats: Formats, objs: Optional[TrainingObjects] = None, *,
+              verify: bool = True, map_location: MapLocation = None, in_place: bool = False,
+              check_all: bool = False) -> Tuple[StepFormat, LoadedStep]:
+    """Read (and check) everything ``rank`` needs from a committed step; nothing is applied.
+
+    Sizes of every file are compared with one listing first; each file read is
+    then hashed in the same pass (``verify``). With ``check_all`` the other
+    ranks' files are verified too, so one reader can vouch for the step. With
+    ``in_place`` tensors are read straight into ``objs``' live CPU tensors,
+    which then hold the step's bytes even if a later check fails.
+
+    Raises:
+        CheckpointNotFoundError: the step has no manifest.
+        ChecksumError, CorruptCheckpointError: something differs from the manifest.
+    """
+    step_store, manifest = open_step(store, step)
+    check_sizes(manifest, step_store.list_files(), step_store.root)
+    fmt = formats.for_manifest(manifest)
+    into = fmt.inplace_targets(objs) if (in_place and objs is not None) else None
+    return fmt, fmt.read(step_store, manifest, rank, verify, map_location, into, check_all)
+
+
+def newest_good(candidates: Iterable[int], read: Callable[[int], T], where: str) -> Optional[Tuple[int, T]]:
+    """``read`` the candidates newest first; return the first that checks out (None when there are none).
+
+    Raises:
+        CorruptCheckpointError: every candidate is damaged (each failure is listed).
+    """
+    failures = []
+    for candidate in sorted(candidates, reverse=True):
+        try:
+            return candidate, read(candidate)
+        except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+            logger.warning("checkpoint step %d is damaged, trying an older one: %s", candidate, exc)
+            failures.append(f"step {candidate}: {exc}")
+    if failures:
+        raise CorruptCheckpointError(f"every checkpoint in {where} is damaged:\n" + "\n".join(failures))
+    return None
+
+
+def agree_on_step(store: Store, formats: Formats, objs: TrainingObjects, step: Optional[int],
+                  candidates: Callable[[], List[int]], *, verify: bool, map_location: MapLocation,
+                  in_place: bool) -> Optional[Tuple[int, StepFormat, LoadedStep]]:
+    """Every rank's part of the step to restore (a collective): rank 0 chooses and vouches, then every rank reads.
+
+    Rank 0 reads ``step`` (or the newest good one of ``candidates()``) and
+    verifies every file of it, other ranks' included; every other rank then
+    reads its own part. Nothing is applied.
+
+    Returns:
+        ``(step, its format, what this rank read)``, or None when nothing is committed.
+
+    Raises:
+        CheckpointNotFoundError, ChecksumError, CorruptCheckpointError: on every rank.
+    """
+    rank = get_rank()
+    got: Dict[str, Tuple[StepFormat, LoadedStep]] = {}
+
+    def read(candidate: int, everything: bool) -> Tuple[StepFormat, LoadedStep]:
+        return read_step(store, candidate, rank, formats, objs, verify=verify, map_location=map_location,
+                         in_place=in_place, check_all=everything)
+
+    def choose() -> Optional[int]:
+        if rank != 0:
+            return None
+        if step is not None:
+            got["step"] = read(step, True)
+            return step
+        found = newest_good(candidates(), lambda s: read(s, True), store.root)
+        if found is None:
+            return None
+        got["step"] = found[1]
+        return found[0]
+    chosen = agree(f"restoring from {store.root} (choose)", choose)[0]
+    if chosen is None:
+        return None
+    agree(f"restoring step {chosen} from {store.root} (read)",
+          lambda: None if rank == 0 else got.update(step=read(chosen, False)))
+    fmt, loaded = got["step"]
+    return chosen, fmt, loaded
+
+
+def load_weights(step_store: Store, step: Optional[int] = None, map_location: MapLocation = None) -> Dict[str, Any]:
+    """Weights and meta of one committed step, verified: ``{'state_dict', 'meta', 'step', 'metrics'}``.
+
+    Raises:
+        CheckpointNotFoundError: the step has no manifest (never committed).
+        ChecksumError, CorruptCheckpointError: the weights or meta differ from the manifest.
+    """
+    try:
+        manifest = read_manifest(step_store)
+    except CheckpointNotFoundError:
+        raise CheckpointNotFoundError(f"{step_store.root} has no manifest: that save never committed",
+                                      "load another step; `ckptmgr ls DIR` lists committed ones") from None
+    if step is not None and manifest.step != step:
+        raise CorruptCheckpointError(f"{step_store.root}: the manifest records step {manifest.step}")
+    weights = format_of(manifest).load_weights(step_store, manifest, map_location)
+    name = manifest.file_for("meta")
+    meta = read_component(step_store, manifest, name, True) if name else {}
+    return {"state_dict": weights, "meta": plain(meta), "step": manifest.step, "metrics": dict(manifest.metrics)}
+
+
+def load_latest_weights(store: Store, map_location: MapLocation = None) -> Dict[str, Any]:
+    """:func:`load_weights` of the newest good step of a manager directory.
+
+    Raises:
+        CheckpointNotFoundError: the directory has no committed step.
+        CorruptCheckpointError: every step is damaged.
+    """
+    steps = list(StepIndex(store).refresh())
+    found = newest_good(steps, lambda s: load_weights(store.sub(step_name(s)), s, map_location), store.root)
+    if found is None:
+        raise CheckpointNotFoundError(f"{store.root} is a directory with no committed checkpoint",
+                                      "pass a checkpoint file, a step_XXXXXXXX directory, or a manager directory")
+    return found[1]

@@ -5,7 +5,7 @@
 
 Each row: a scenario, how many trials ran, how many ended with nothing lost
 (every check held), and the first failures. The scenarios live in
-tests/reliability/ and are the same code the fast tests run with small counts.
+reliability/ and are the same code the fast tests run with small counts.
 """
 from __future__ import annotations
 
@@ -37,9 +37,9 @@ def _args() -> argparse.Namespace:
 
 
 def _scenarios(args: argparse.Namespace):
-    from tests.httpserver import FileServer
-    from tests.reliability import concurrency, corruption, http_faults, kills, malicious, s3_faults, saves
-    from tests.reliability.common import new_bucket, s3_env, start_moto
+    from reliability import concurrency, corruption, http_faults, kills, malicious, s3_faults, saves
+    from reliability.common import new_bucket, s3_env, start_moto
+    from tests.support.httpserver import FileServer
     yield lambda: kills.run_kills(args.kills, async_save=False)
     yield lambda: kills.run_kills(args.kills, async_save=True)
     yield lambda: kills.run_named(repeats=args.named_repeats, async_save=False)

@@ -86,7 +86,7 @@ def s3(moto_server, monkeypatch):
 @pytest.fixture
 def http_server(monkeypatch):
     """A real HTTP file server on 127.0.0.1 (see tests/httpserver.py); downloads back off fast."""
-    from tests.httpserver import FileServer
+    from tests.support.httpserver import FileServer
     monkeypatch.setenv("CKPTMGR_DOWNLOAD_BACKOFF", "0.01")
     monkeypatch.delenv("CKPTMGR_DOWNLOAD_RETRIES", raising=False)
     monkeypatch.delenv("CKPTMGR_DOWNLOAD_TIMEOUT", raising=False)

@@ -1,7 +1,7 @@
 """Async saves on real gloo ranks: the background agreement runs beside DDP's collectives."""
 import pytest
 
-from tests.multiproc import run_ranks
+from tests.support.multiproc import run_ranks
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from tests.multiproc import run_ranks
+from tests.support.multiproc import run_ranks
 
 pytestmark = pytest.mark.timeout(120)
 

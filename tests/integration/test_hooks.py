@@ -16,7 +16,7 @@ from torch import nn
 
 import ckptmgr
 from ckptmgr import CheckpointHook, CheckpointManager
-from tests.multiproc import run_ranks
+from tests.support.multiproc import run_ranks
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -214,8 +214,8 @@ def test_tls_verification_stays_on(monkeypatch, tmp_path):
     pytest.importorskip("cryptography")
     import ssl
 
-    from tests.httpserver import FileServer
-    from tests.loaders.tlscert import write_self_signed
+    from tests.support.httpserver import FileServer
+    from tests.support.tlscert import write_self_signed
     cert, key = write_self_signed(tmp_path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)

@@ -2,46 +2,20 @@
 
 CKPTMGR_CRASH_KILLS sets the number of kills (default 30; thousands for a soak run).
 """
-import json
 import os
 import random
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
 from ckptmgr import CheckpointManager
-from tests.manager import _crash_child
 from tests.manager.helpers import tmp_names
+from tests.support import crash_child as _crash_child
+from tests.support.crash import Zygote
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KILLS = int(os.environ.get("CKPTMGR_CRASH_KILLS", "30"))
-
-
-class Zygote:
-    """Drives tests/manager/_crash_child.py: fork a saver, kill it, wait until it is reaped."""
-
-    def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.manager._crash_child"], cwd=ROOT, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-
-    def fork_saver(self, **job):
-        self.proc.stdin.write(json.dumps(job) + "\n")
-        self.proc.stdin.flush()
-        return int(self.proc.stdout.readline())
-
-    def kill(self, pid):
-        os.kill(pid, signal.SIGKILL)
-        self.proc.stdin.write(f"wait {pid}\n")
-        self.proc.stdin.flush()
-        assert self.proc.stdout.readline().strip() == f"reaped {pid}"
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait(timeout=10)
 
 
 @pytest.fixture

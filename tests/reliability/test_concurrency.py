@@ -1,5 +1,5 @@
 """Two jobs on one directory: the second is refused (local) or the older fenced off (S3) (concurrency.py)."""
-from tests.reliability import concurrency
+from reliability import concurrency
 
 
 def test_two_managers_on_one_directory(s3):

@@ -1,8 +1,8 @@
 """Every file kind truncated, bit-flipped or garbled: a typed error, no hang, no silent load (corruption.py)."""
 import pytest
 
-from tests.reliability import corruption
-from tests.reliability.common import count
+from reliability import corruption
+from reliability.common import count
 
 
 @pytest.mark.timeout(300)

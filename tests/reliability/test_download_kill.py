@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.multiproc import run_ranks
+from tests.support.multiproc import run_ranks
 
 pytestmark = pytest.mark.timeout(180)
 

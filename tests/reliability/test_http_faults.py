@@ -1,7 +1,7 @@
 """Downloads from a misbehaving server recover from transient faults and fail clearly otherwise (http_faults.py)."""
 import pytest
 
-from tests.reliability import http_faults
+from reliability import http_faults
 
 
 @pytest.mark.timeout(240)

@@ -1,8 +1,8 @@
 """kill -9 during saves at random instants and at every named fault point (fast counts; see kills.py)."""
 import pytest
 
-from tests.reliability import kills
-from tests.reliability.common import count
+from reliability import kills
+from reliability.common import count
 
 
 @pytest.mark.timeout(300)

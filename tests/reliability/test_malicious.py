@@ -1,7 +1,7 @@
 """Hostile files through every load path: typed errors, the canary never created (malicious.py)."""
 import pytest
 
-from tests.reliability import malicious
+from reliability import malicious
 
 
 @pytest.mark.timeout(240)

@@ -1,8 +1,8 @@
 """S3 behind a fault proxy: every round trip verifies at 10 % faults; a typed error at 100 % (s3_faults.py)."""
 import pytest
 
-from tests.reliability import s3_faults
-from tests.reliability.common import count
+from reliability import s3_faults
+from reliability.common import count
 
 
 @pytest.mark.timeout(300)

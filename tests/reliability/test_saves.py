@@ -1,8 +1,8 @@
 """Failed saves without a kill: a fault at each stage on one gloo rank, a real RLIMIT_FSIZE, ENOSPC (saves.py)."""
 import pytest
 
-from tests.reliability import saves
-from tests.reliability.common import count
+from reliability import saves
+from reliability.common import count
 
 
 @pytest.mark.timeout(300)

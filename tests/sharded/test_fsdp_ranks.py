@@ -13,8 +13,8 @@ import uuid
 import pytest
 import torch
 
-from tests.multiproc import run_ranks
 from tests.sharded import _workers
+from tests.support.multiproc import run_ranks
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -3,7 +3,7 @@ import pytest
 
 from ckptmgr.distributed import agree
 from ckptmgr.errors import ChecksumError
-from tests.multiproc import run_ranks
+from tests.support.multiproc import run_ranks
 
 
 def test_single_process_is_just_a_call():

@@ -14,8 +14,8 @@ import torch
 
 import ckptmgr
 from ckptmgr import CheckpointManager
-from tests.faultproxy import FaultProxy
-from tests.reliability.common import Tally, new_bucket, small_model
+from reliability.common import Tally, new_bucket, small_model
+from tests.support.faultproxy import FaultProxy
 
 
 def options(endpoint: str, attempts: int) -> Dict[str, Any]:

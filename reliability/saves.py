@@ -30,10 +30,10 @@ import ckptmgr
 from ckptmgr import CheckpointManager, faults
 from ckptmgr.io.local import LocalStore
 from ckptmgr.step.files import read_manifest
-from tests.multiproc import run_ranks
-from tests.reliability.common import Tally, small_model
+from reliability.common import Tally, small_model
+from tests.support.multiproc import run_ranks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ["save.prepare", "save.write", "save.after_data_file", "save.commit", "save.before_manifest"]
 
 
@@ -142,7 +142,7 @@ def run_fsize(n: int, seed: int = 0) -> Tally:
     rng = random.Random(seed)
     limits = ([0, 1, 4096] + [rng.randrange(1, 263_000) for _ in range(max(0, n - 3))])[:n]
     with tempfile.TemporaryDirectory() as root:
-        proc = subprocess.run([sys.executable, "-m", "tests.reliability.saves", "fsize", os.path.join(root, "run"),
+        proc = subprocess.run([sys.executable, "-m", "reliability.saves", "fsize", os.path.join(root, "run"),
                                json.dumps(limits)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         tally.trial("child", lambda: (_ for _ in ()).throw(AssertionError(proc.stderr[-400:])))

@@ -26,7 +26,7 @@ import torch
 
 import ckptmgr
 from ckptmgr import CheckpointManager
-from tests.reliability.common import Tally, expect_typed, small_model
+from reliability.common import Tally, expect_typed, small_model
 
 LIMIT_S = 30
 

@@ -12,7 +12,7 @@ import tempfile
 
 import ckptmgr
 from ckptmgr import CheckpointManager
-from tests.reliability.common import Tally, small_model
+from reliability.common import Tally, small_model
 
 
 def _pair(tally: Tally, directory: str, remote: bool) -> None:

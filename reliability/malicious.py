@@ -28,9 +28,9 @@ import torch
 import ckptmgr
 from ckptmgr import CheckpointManager
 from ckptmgr.format.manifest import Manifest
-from tests.reliability.common import Tally, expect_typed, new_bucket, s3_env, small_model, start_moto
+from reliability.common import Tally, expect_typed, new_bucket, s3_env, small_model, start_moto
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Canary:
@@ -159,7 +159,7 @@ def _assert_absent(path: str) -> None:
 
 def with_servers(func: Callable[..., Tally]) -> Tally:
     """Run ``func(http_server=..., s3_endpoint=...)`` with a moto server and the test HTTP server."""
-    from tests.httpserver import FileServer
+    from tests.support.httpserver import FileServer
     moto = start_moto()
     try:
         with FileServer() as server:

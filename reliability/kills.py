@@ -1,7 +1,7 @@
 """Scenario 1: kill -9 during saves (sync and async), at random instants and at named fault points.
 
 Reuses the crash harness of tests/manager/test_crash.py: a zygote forks a saver
-(tests/manager/_crash_child.py) that saves steps forever with max_to_keep=3
+(tests/support/crash_child.py) that saves steps forever with max_to_keep=3
 and logs "begin V"/"end V" around each save. A round either kills it after a
 random delay, or arms ``CKPTMGR_FAULT_POINT`` so it SIGKILLs itself at a named
 instant. After each kill this process (a new one, for the directory) checks:
@@ -27,9 +27,9 @@ from typing import List, Optional
 import torch
 
 from ckptmgr import CheckpointManager
-from tests.manager import _crash_child
-from tests.manager.test_crash import Zygote
-from tests.reliability.common import Tally
+from reliability.common import Tally
+from tests.support import crash_child as _crash_child
+from tests.support.crash import Zygote
 
 NAMED = ["save.prepare", "save.write", "save.after_data_file:1", "save.after_data_file:2", "save.after_data_file:3",
          "save.after_data_file:4", "save.before_manifest", "save.after_manifest", "save.after_rename",

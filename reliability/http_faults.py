@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 import ckptmgr
-from tests.reliability.common import Tally, expect_typed, small_model
+from reliability.common import Tally, expect_typed, small_model
 
 TRANSIENT: List[Tuple[str, Dict[str, Any]]] = [
     ("cut body once", {"cut_after": 100, "cut_times": 1}),

@@ -233,9 +233,10 @@ class CkptmgrCheckpointIO(CheckpointIO):
             StorageError: writing failed; what ``path`` held before is untouched.
         """
         uri = _uri(path)
-        content = to_content(checkpoint, self.trust_pickle)  # on the caller's thread: errors surface here
-        with self._lock:
+        with self._lock:  # called off the main thread: an async wrapper queues our saves
             self._async = self._async or threading.current_thread() is not threading.main_thread()
+        content = to_content(checkpoint, self.trust_pickle)
+        with self._lock:
             self._saving.add(uri)
         drop = False
         try:

@@ -41,7 +41,7 @@ try:
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 except ImportError:  # the standalone package
     try:
-        from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO  # type: ignore[no-redef]
+        from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO  # type: ignore[assignment]
     except ImportError as _exc:
         raise MissingDependencyError("ckptmgr.integrations.lightning needs Lightning, which is not installed",
                                      "pip install 'ckptmgr[lightning]' (or install lightning or pytorch-lightning)"

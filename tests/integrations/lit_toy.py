@@ -18,12 +18,11 @@ import signal
 import warnings
 from typing import Any, Dict, List, Optional
 
+import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
-
-import lightning as L
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from ckptmgr.integrations.lightning import CkptmgrCheckpointIO
 

@@ -173,3 +173,7 @@ def register_loaders(*, trust_pickle: bool = False, replace_builtins: bool = Tru
     others = _fsspec_protocols(prefixes)
     if others:
         register("(?:" + "|".join(re.escape(p) for p in others) + ")://", bridge)
+
+
+# The hook's resume path needs ``ckptmgr:`` whether or not register_loaders() is called; it is a new key.
+MMCheckpointLoader.register_scheme(re.escape(SCHEME), load_from_ckptmgr, force=True)

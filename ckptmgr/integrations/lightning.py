@@ -27,7 +27,7 @@ import sys
 import threading
 from typing import Any, Dict, Mapping, Optional, Set, Tuple
 
-from ..errors import MissingDependencyError, UnserializableStateError
+from ..errors import CheckpointFormatError, MissingDependencyError, UnserializableStateError
 from ..format.maplocation import MapLocation
 from ..format.skeleton import to_skeleton
 from ..format.torchfile import load_torch
@@ -149,12 +149,16 @@ def load_checkpoint_dict(path: Any, map_location: MapLocation = None, *, trust_p
         CheckpointNotFoundError: nothing committed at ``path``.
         ChecksumError, CorruptCheckpointError: a file differs from the manifest.
         UnsafeCheckpointError: pickled values and ``trust_pickle`` is False.
+        CheckpointFormatError: a plain file that holds no dict.
     """
     uri = _uri(path)
     store = open_store(uri, storage_options)
     if store.exists() and not store.isdir():
         with store.open_read() as fh:
-            return dict(load_torch(fh, map_location, trust_pickle=trust_pickle, source=uri))
+            loaded = load_torch(fh, map_location, trust_pickle=trust_pickle, source=uri)
+        if not isinstance(loaded, Mapping):
+            raise CheckpointFormatError(f"{uri} holds a {type(loaded).__name__}, not a Lightning checkpoint dict")
+        return dict(loaded)
     step, content = _dirckpt.read(uri, storage_options, map_location, trust_pickle)
     logger.debug("loaded step %d of %s", step, uri)
     return from_content(content)

@@ -5,13 +5,12 @@ import uuid
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-from torch import nn
-
 from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook
 from mmengine.model import BaseModel
 from mmengine.registry import METRICS
 from mmengine.runner import Runner
+from torch import nn
 
 import ckptmgr.integrations.mmengine  # noqa: F401  (registers CkptmgrHook)
 
@@ -74,6 +73,16 @@ class Crash(Hook):
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         if self.iteration and runner.iter + 1 == self.iteration:
             raise RuntimeError(f"simulated crash after iteration {self.iteration}")
+
+
+class RngProbe(Hook):
+    """Record torch's RNG state when each training epoch starts (before its data loader draws a seed)."""
+
+    def __init__(self) -> None:
+        self.states: Dict[int, torch.Tensor] = {}
+
+    def before_train_epoch(self, runner) -> None:
+        self.states[runner.epoch] = torch.get_rng_state()
 
 
 def make_runner(work_dir: str, hook: Optional[dict] = None, *, by_epoch: bool = True, max_epochs: int = 4,

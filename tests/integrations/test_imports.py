@@ -42,7 +42,8 @@ from ckptmgr.errors import MissingDependencyError
 try:
     import {module}
 except MissingDependencyError as exc:
-    print(json.dumps({{"error": type(exc).__name__, "hint": exc.hint, "is_import_error": isinstance(exc, ImportError)}}))
+    print(json.dumps({{"error": type(exc).__name__, "hint": exc.hint,
+                      "is_import_error": isinstance(exc, ImportError)}}))
 else:
     print(json.dumps({{"error": None}}))
 """

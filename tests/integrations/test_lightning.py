@@ -210,3 +210,19 @@ def test_the_checkpoint_dict_round_trips_exactly(tmp_path):
     assert back["extra_key"] == checkpoint["extra_key"]
     buffer = io.BytesIO()
     torch.save(back, buffer)   # a plain dict again: Lightning's own tools can take it
+
+
+def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    tmp = tmp_path / ckl._dirckpt.TMP_DIR
+    host = socket.gethostname()
+    for pid in (dead, str(os.getppid())):
+        (tmp / f"{host}-{pid}-0123456789ab" / "step_00000001").mkdir(parents=True)
+    CkptmgrCheckpointIO().save_checkpoint({"global_step": 1, "state_dict": {"w": torch.ones(1)}},
+                                          str(tmp_path / "a.ckpt"))
+    assert os.listdir(tmp) == [f"{host}-{os.getppid()}-0123456789ab"]   # the live writer's is left alone
+    assert _steps(tmp_path / "a.ckpt") == ["step_00000001"]

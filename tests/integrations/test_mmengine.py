@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 pytest.importorskip("mmengine")
 
@@ -26,11 +27,12 @@ def _last_checkpoint(work_dir):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """Uninterrupted runs: 4 epochs, and 20 iterations."""
-    epochs = toy.make_runner(str(tmp_path_factory.mktemp("ref_epoch")), EPOCH_HOOK)
+    probe = toy.RngProbe()
+    epochs = toy.make_runner(str(tmp_path_factory.mktemp("ref_epoch")), EPOCH_HOOK, custom_hooks=[probe])
     epochs.train()
     iters = toy.make_runner(str(tmp_path_factory.mktemp("ref_iter")), ITER_HOOK, by_epoch=False)
     iters.train()
-    return {"epoch": (toy.weights(epochs), epochs.optim_wrapper.get_lr()),
+    return {"rng": probe.states, "epoch": (toy.weights(epochs), epochs.optim_wrapper.get_lr()),
             "iter": (toy.weights(iters), iters.optim_wrapper.get_lr())}
 
 
@@ -40,9 +42,12 @@ def test_stopped_after_2_epochs_resumes_to_identical_weights(tmp_path, reference
     assert _steps(work_dir) == [1, 2]
     assert _last_checkpoint(work_dir) == SCHEME + os.path.join(work_dir, "checkpoints", "step_00000002")
 
-    resumed = toy.make_runner(work_dir, EPOCH_HOOK, resume=True)
+    probe = toy.RngProbe()
+    resumed = toy.make_runner(work_dir, EPOCH_HOOK, resume=True, custom_hooks=[probe])
     resumed.train()
     assert resumed.epoch == 4
+    assert sorted(probe.states) == [2, 3]                  # resumed at epoch index 2 (the third epoch) ...
+    assert all(torch.equal(probe.states[e], reference["rng"][e]) for e in (2, 3))  # ... with the saved RNG
     weights, lr = reference["epoch"]
     assert toy.same(toy.weights(resumed), weights)
     assert resumed.optim_wrapper.get_lr() == lr            # the MultiStepLR milestones (a Counter) came back

@@ -1,4 +1,4 @@
-"""register_loaders(): mmengine's load_from and CheckpointLoader through ckptmgr's loaders (real HTTP server, moto S3)."""
+"""register_loaders(): mmengine's load_from and CheckpointLoader through ckptmgr's loaders (HTTP server, moto S3)."""
 from __future__ import annotations
 
 import io

@@ -205,7 +205,15 @@ def save(uri: str, step: int, content: StepContent, options: Options = None) -> 
     elif container.exists() and not container.isdir():
         raise StorageError(f"{uri} is a file, not a checkpoint directory",
                            "delete it or write checkpoints to another directory")
+    if not _all_ours(container.listdir()):
+        raise StorageError(f"{uri} is a directory holding files ckptmgr did not write; not writing into it",
+                           "move it away or write checkpoints to another directory")
     _commit_into(container, step, content)
+
+
+def _all_ours(names: List[str]) -> bool:
+    """True when every entry is a step directory or a save's leftover (names ckptmgr writes in a container)."""
+    return all(parse_step_name(n) is not None or leftover_step(n) is not None for n in names)
 
 
 # --------------------------------------------------------------------------- reading
@@ -303,8 +311,7 @@ def remove(uri: str, options: Options = None) -> str:
     if not container.isdir():
         container.remove()
         return "file"
-    names = container.listdir()
-    if any(parse_step_name(n) is None and leftover_step(n) is None for n in names):
+    if not _all_ours(container.listdir()):
         logger.warning("not removing %s: it holds files ckptmgr did not write", uri)
         return "foreign"
     _uncommit(protocol_for(container), sorted(committed(container)))

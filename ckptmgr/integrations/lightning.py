@@ -27,7 +27,7 @@ import sys
 import threading
 from typing import Any, Dict, Mapping, Optional, Set, Tuple
 
-from ..errors import CheckpointFormatError, MissingDependencyError, UnserializableStateError
+from ..errors import CheckpointFormatError, CorruptCheckpointError, MissingDependencyError, UnserializableStateError
 from ..format.maplocation import MapLocation
 from ..format.skeleton import to_skeleton
 from ..format.torchfile import load_torch
@@ -102,7 +102,18 @@ def to_content(checkpoint: Mapping[str, Any], trust_pickle: bool) -> _dirckpt.St
 
 
 def from_content(content: _dirckpt.StepContent) -> Dict[str, Any]:
-    """Put Lightning's checkpoint dict back together (keys in their saved order)."""
+    """Put Lightning's checkpoint dict back together (keys in their saved order).
+
+    Raises:
+        CorruptCheckpointError: the components do not have the shape this module writes.
+    """
+    try:
+        return _assemble(content)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise CorruptCheckpointError(f"the checkpoint's parts do not form a Lightning checkpoint: {exc!r}") from exc
+
+
+def _assemble(content: _dirckpt.StepContent) -> Dict[str, Any]:
     values: Dict[str, Any] = {k: plain(e.get("value")) for k, e in (content.components.get("extra") or {}).items()}
     if content.model is not None:
         values["state_dict"] = content.model

@@ -226,3 +226,14 @@ def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
                                           str(tmp_path / "a.ckpt"))
     assert os.listdir(tmp) == [f"{host}-{os.getppid()}-0123456789ab"]   # the live writer's is left alone
     assert _steps(tmp_path / "a.ckpt") == ["step_00000001"]
+
+
+def test_foreign_directories_are_neither_written_into_nor_removed(tmp_path):
+    from ckptmgr.errors import StorageError
+    foreign = tmp_path / "deepspeed.ckpt"
+    (foreign / "zero").mkdir(parents=True)
+    plugin = CkptmgrCheckpointIO()
+    with pytest.raises(StorageError, match="did not write"):
+        plugin.save_checkpoint({"global_step": 1}, str(foreign))
+    plugin.remove_checkpoint(str(foreign))
+    assert os.listdir(foreign) == ["zero"]

@@ -21,8 +21,9 @@ other fsspec URLs, ``http(s)://`` with the download cache and mirrors, model
 zoo names), with ``weights_only`` loading.
 
 Importing this module imports mmengine and registers ``CkptmgrHook`` in its
-``HOOKS`` registry; without mmengine it raises
-:class:`~ckptmgr.errors.MissingDependencyError`.
+``HOOKS`` registry and the ``ckptmgr:`` scheme in its ``CheckpointLoader``
+(a new key; nothing of mmengine's is replaced until :func:`register_loaders`);
+without mmengine it raises :class:`~ckptmgr.errors.MissingDependencyError`.
 """
 from __future__ import annotations
 

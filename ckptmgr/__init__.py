@@ -14,6 +14,7 @@ from .errors import (
                      DirectoryInUseError,
                      DistributedError,
                      DownloadError,
+                     FrozenParametersError,
                      KeyMismatchError,
                      MissingDependencyError,
                      StorageError,
@@ -21,6 +22,7 @@ from .errors import (
                      UnsafeCheckpointError,
                      UnserializableStateError,
 )
+from .exporter import export
 from .hooks import CheckpointHook
 from .hub.cache import cached_path
 from .loaders.registry import CheckpointLoader
@@ -42,9 +44,9 @@ __all__ = [
     "load_state_dict", "get_state_dict", "weights_to_cpu", "LoadReport",
     "unwrap_model", "is_module_wrapper", "register_module_wrapper",
     "CheckpointLoader", "rank_zero_first",
-    "CheckpointManager", "RestoredCheckpoint", "resume_from_latest", "cached_path", "CheckpointHook",
+    "CheckpointManager", "RestoredCheckpoint", "resume_from_latest", "cached_path", "CheckpointHook", "export",
     "CheckpointError", "CheckpointNotFoundError", "CheckpointExistsError", "CorruptCheckpointError",
     "ChecksumError", "UnsafeCheckpointError", "KeyMismatchError", "CheckpointFormatError",
     "UnknownSchemeError", "MissingDependencyError", "StorageError", "DownloadError", "DistributedError",
-    "UnserializableStateError", "DirectoryInUseError",
+    "UnserializableStateError", "DirectoryInUseError", "FrozenParametersError",
 ]

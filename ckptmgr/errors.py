@@ -14,7 +14,7 @@ __all__ = [
     "CorruptCheckpointError", "ChecksumError", "UnsafeCheckpointError",
     "KeyMismatchError", "CheckpointFormatError", "UnknownSchemeError",
     "MissingDependencyError", "StorageError", "DownloadError",
-    "DistributedError", "UnserializableStateError", "DirectoryInUseError",
+    "DistributedError", "UnserializableStateError", "DirectoryInUseError", "FrozenParametersError",
 ]
 
 
@@ -75,6 +75,13 @@ class KeyMismatchError(CheckpointError, RuntimeError):
 
     default_hint = ("pass strict=False to load what matches, or revise_keys=[(regex, repl)] "
                     "to rename the checkpoint's keys")
+
+
+class FrozenParametersError(KeyMismatchError):
+    """A checkpoint saved without its frozen parameters is restored into a model whose frozen part differs."""
+
+    default_hint = ("restore into the model the run started from: load its base weights first (they are not in "
+                    "this checkpoint), then restore")
 
 
 class CheckpointFormatError(CheckpointError, ValueError):

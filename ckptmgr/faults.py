@@ -1,4 +1,4 @@
-"""Fault injection at named points of the save path: a testing aid, inert unless armed.
+"""Fault injection at named points of the save (and export) path: a testing aid, inert unless armed.
 
 Crash-consistency claims ("a kill at any instant leaves the previous or the new
 checkpoint") are only worth what the tests that kill at the worst instants
@@ -43,6 +43,7 @@ POINTS = {
     "save.after_rename": "rank 0, the step is committed, before retention",
     "retention.after_uncommit": "a step dropped by retention is renamed away (or its manifest deleted)",
     "retention.between_deletes": "after one retention delete, before the next",
+    "export.after_file": "a directory export wrote one more file (shard, optimizer, index), before the next",
 }
 
 _hits: Dict[str, int] = {}

@@ -28,6 +28,7 @@ from .io.access import open_store
 from .io.store import Options, Store
 from .retention import best_of, build_policy, steps_to_delete
 from .state.objects import check_index, plain
+from .state.partial import Exclusion
 from .state.staging import StagingBuffers
 from .step.background import Background
 from .step.commit import protocol_for, run_reclaims
@@ -38,6 +39,7 @@ from .step.names import step_name
 from .step.ownership import DirectoryOwner
 from .step.records import RestoredCheckpoint, Snapshot, TrainingObjects
 from .step.save import save_step
+from .warmstart import DEFAULT_REVISE_KEYS, WarmStart
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,10 @@ class CheckpointManager:
             reshards to any number of ranks. Its metadata is a pickle, checked
             against the manifest before it is read: sharded checkpoints are only
             as trustworthy as their source.
+        save_frozen: False: plain saves hold only parameters with ``requires_grad=True`` and buffers; the
+            manifest records the names and shapes left out, and restore checks the model's against them.
+        init_from, init_revise_keys: Warm start (:mod:`ckptmgr.warmstart`): while nothing is committed, ``restore``
+            loads the model weights from this URI (keys renamed by the rules; mismatches logged) and returns None.
 
     Raises:
         ValueError: an argument is out of range (see :func:`ckptmgr.retention.build_policy`).
@@ -98,7 +104,8 @@ class CheckpointManager:
 
     def __init__(self, directory: Any, max_to_keep: Optional[int] = 5, keep_every_n_steps: Optional[int] = None,
                  best_metric: Optional[str] = None, best_mode: str = "min", keep_best: int = 0,
-                 async_save: bool = False, storage_options: Options = None, sharded: Any = "auto") -> None:
+                 async_save: bool = False, storage_options: Options = None, sharded: Any = "auto",
+                 save_frozen: bool = True, init_from: Any = None, init_revise_keys: Any = DEFAULT_REVISE_KEYS) -> None:
         self.store: Store = open_store(os.fspath(directory), storage_options)
         self.directory: str = self.store.root
         self.best_metric = best_metric
@@ -106,7 +113,8 @@ class CheckpointManager:
         self.policy = build_policy(max_to_keep, keep_every_n_steps, best_metric, best_mode, keep_best)
         self.storage_options = storage_options
         self.async_save = bool(async_save)
-        self.formats = Formats(sharded)
+        self.formats = Formats(sharded, save_frozen)
+        self.init_from = None if init_from is None else WarmStart.of(init_from, init_revise_keys, storage_options)
         self.sharded = self.formats.setting
         self.index = StepIndex(self.store)
         self._index_lock = threading.RLock()  # the background writer updates the index too
@@ -262,7 +270,7 @@ class CheckpointManager:
     def restore(self, step: Optional[int] = None, *, model: nn.Module, optimizer: Any = None,
                 scheduler: Any = None, scaler: Any = None, extra: Optional[Mapping[str, Any]] = None,
                 strict: bool = True, verify: bool = True, map_location: MapLocation = None,
-                in_place: bool = True) -> Optional[RestoredCheckpoint]:
+                in_place: bool = True, exclude: Any = ()) -> Optional[RestoredCheckpoint]:
         """Load a checkpoint into the given objects.
 
         Every file is checked against the manifest before anything is applied:
@@ -289,21 +297,23 @@ class CheckpointManager:
                 them with an older step, and an explicit ``step`` raises, so do
                 not train on after a failed restore. Pass False to leave them
                 untouched until every file has checked out.
+            exclude: Component names (``'optimizer'``, ``'rng'``, ...) and model-key patterns (``'re:^head\\.'``)
+                to leave untouched, logged at INFO (see :class:`ckptmgr.state.partial.Exclusion`).
 
         Returns:
-            A :class:`RestoredCheckpoint`, or None when nothing is committed.
+            A :class:`RestoredCheckpoint`, or None when nothing is committed (after a warm start from ``init_from``).
 
         Raises:
             CheckpointNotFoundError: ``step`` is not committed.
             ChecksumError, CorruptCheckpointError: ``step`` is damaged, or every checkpoint is.
-            KeyMismatchError: ``strict`` and the model does not match.
+            KeyMismatchError: ``strict`` and the model does not match (FrozenParametersError: its frozen part).
             CheckpointFormatError: an object passed has no saved state (``strict``) or other names.
         """
         self._check_open()
         if step is not None:
             step = check_index("step", step)
         self.wait()  # never read a directory a background save is still writing
-        objs = TrainingObjects(model, optimizer, scheduler, scaler, extra)
+        objs = TrainingObjects(model, optimizer, scheduler, scaler, extra, exclude=Exclusion.parse(exclude))
 
         def candidates() -> List[int]:
             with self._index_lock:
@@ -311,8 +321,12 @@ class CheckpointManager:
         found = agree_on_step(self.store, self.formats, objs, step, candidates, verify=verify,
                               map_location=map_location, in_place=in_place and map_location in (None, "cpu"))
         if found is None:
+            if step is None and self.init_from is not None:
+                self.init_from.load(model, objs.exclude)
             return None
         chosen, fmt, loaded = found
+        if self.init_from is not None:
+            self.init_from.skipped(chosen, self.directory)
         values: Dict[str, Any] = {}
         step_store = self.store.sub(step_name(chosen))
         agree(f"restoring step {chosen} from {self.directory} (apply)",
@@ -366,19 +380,21 @@ class CheckpointManager:
 
 
 def resume_from_latest(directory: Any, *, model: nn.Module, optimizer: Any = None, scheduler: Any = None,
-                       scaler: Any = None, **kwargs: Any) -> int:
+                       scaler: Any = None, init_from: Any = None, **kwargs: Any) -> int:
     """Restore the latest good checkpoint of ``directory`` and return the step to continue from.
 
     Args:
         directory: A manager directory (local path or URL).
         model, optimizer, scheduler, scaler: Objects to restore.
-        **kwargs: ``extra``, ``strict``, ``verify``, ``map_location`` (see
-            :meth:`CheckpointManager.restore`) and ``storage_options``.
+        init_from: Warm start source for a fresh run (see :class:`CheckpointManager`).
+        **kwargs: ``extra``, ``strict``, ``verify``, ``map_location``, ``exclude`` (see
+            :meth:`CheckpointManager.restore`), ``storage_options`` and ``init_revise_keys``.
 
     Returns:
-        Restored step + 1, or 0 when nothing is committed yet.
+        Restored step + 1, or 0 when nothing is committed yet (after a warm start from ``init_from``).
     """
-    options = kwargs.pop("storage_options", None)
-    with CheckpointManager(directory, max_to_keep=None, storage_options=options) as manager:
+    rules = kwargs.pop("init_revise_keys", DEFAULT_REVISE_KEYS)
+    with CheckpointManager(directory, max_to_keep=None, storage_options=kwargs.pop("storage_options", None),
+                           init_from=init_from, init_revise_keys=rules) as manager:
         restored = manager.restore(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, **kwargs)
     return 0 if restored is None else restored.step + 1

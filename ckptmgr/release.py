@@ -5,108 +5,65 @@ files; the people who receive weights want one file. These functions take any
 checkpoint a loader can reach (a file, a manager or step directory, sharded
 or not, a zoo name) and write its weights and meta through the one
 single-file writer (:mod:`ckptmgr.format.checkpoint_file`), atomically.
+``convert`` is :func:`ckptmgr.exporter.export` (which also writes the Hugging
+Face layout of safetensors shards and an index) under its CLI name.
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
-from typing import Any, Dict, Mapping
+from typing import Any, Union
 
-from .describe import jsonable, load_weights_and_meta
-from .errors import CheckpointExistsError, UnserializableStateError
+import torch
+
+from .describe import load_weights_and_meta
+from .exporter import WEIGHT_SUFFIXES, Written, export, kind_for, layout_of, plain_meta
 from .format.checkpoint_file import write_checkpoint_file
 from .format.checksum import HashingReader
-from .format.skeleton import to_skeleton
 from .inventory import is_step_dir
 from .io.access import atomic_write, open_store
 from .io.store import Options
 from .io.uri import join
+from .state.cast import cast_floating, parse_dtype
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["WEIGHT_SUFFIXES", "Written", "kind_for", "convert", "check_name", "publish", "publish_name"]
+__all__ = ["WEIGHT_SUFFIXES", "Written", "kind_for", "layout_of", "parse_dtype", "convert", "check_name", "publish",
+           "publish_name"]
 
-#: Destination endings and the format each writes.
-WEIGHT_SUFFIXES = {".safetensors": "safetensors", ".pth": "torch", ".pt": "torch", ".bin": "torch", ".ckpt": "torch"}
-
-
-@dataclass
-class Written:
-    """A file :func:`convert` or :func:`publish` wrote."""
-
-    path: str
-    size: int
-    entries: int
-    sha256: str = ""
-
-
-def _plain_meta(meta: Mapping[str, Any]) -> Dict[str, Any]:
-    """Meta that any loader can read back without pickle (JSON values only)."""
-    return json.loads(json.dumps(jsonable(meta)))
-
-
-def _storable(weights: Mapping[str, Any]) -> Dict[str, Any]:
-    """The entries a safetensors file can hold (tensors, and values JSON can carry); the rest dropped with a warning."""
-    kept, dropped = {}, []
-    for key, value in weights.items():
-        try:
-            to_skeleton(value)
-        except UnserializableStateError:
-            dropped.append(key)
-            continue
-        kept[key] = value
-    if dropped:
-        logger.warning("safetensors holds tensors and plain values only; not converted: %s", ", ".join(dropped))
-    return kept
-
-
-def _checkpoint(weights: Mapping[str, Any], meta: Mapping[str, Any], kind: str) -> Dict[str, Any]:
-    state = _storable(weights) if kind == "safetensors" else dict(weights)
-    return {"meta": _plain_meta(meta), "state_dict": state}
-
-
-def kind_for(dst: str) -> str:
-    """The format a destination name asks for.
-
-    Raises:
-        ValueError: the name ends in none of :data:`WEIGHT_SUFFIXES`.
-    """
-    for suffix, kind in WEIGHT_SUFFIXES.items():
-        if dst.endswith(suffix):
-            return kind
-    raise ValueError(f"{dst}: the destination must end in {', '.join(WEIGHT_SUFFIXES)}")
+Dtype = Union[None, str, torch.dtype]
 
 
 def convert(src: str, dst: str, *, force: bool = False, trust_pickle: bool = False,
-            storage_options: Options = None) -> Written:
-    """Write the weights and meta of any checkpoint to one file (``.pth`` <-> ``.safetensors``, directory -> file).
+            storage_options: Options = None, dtype: Dtype = None, max_shard_size: Any = None,
+            include_optimizer: bool = False) -> Written:
+    """Write the weights and meta of any checkpoint to one file, or to safetensors shards with an index.
+
+    ``.pth`` <-> ``.safetensors``, a directory -> one file, anything -> the Hugging
+    Face layout: see :func:`ckptmgr.exporter.export`, which does the work.
 
     Args:
         src: A file, manager or step directory, or any URI a loader handles.
-        dst: The file to write; its ending picks the format (see :data:`WEIGHT_SUFFIXES`).
+        dst: The file to write (its ending picks the format, see :data:`WEIGHT_SUFFIXES`),
+            or a directory name for shards and an index.
         force: Replace ``dst`` if it exists.
         trust_pickle: Allow pickle code when reading ``src`` (only for files you trust).
         storage_options: fsspec options for ``dst``.
+        dtype: Cast floating-point tensors (``'bfloat16'``, ...).
+        max_shard_size: Largest shard of a directory (``'5GB'``).
+        include_optimizer: Export the optimizer state too.
 
     Returns:
         What was written.
 
     Raises:
-        ValueError: ``dst`` has an unknown ending.
+        ValueError: ``dst`` has an unknown ending, or ``dtype``/``max_shard_size`` is invalid.
         CheckpointExistsError: ``dst`` exists and ``force`` is False.
     """
-    kind = kind_for(dst)
-    out = open_store(dst, storage_options)
-    if out.exists() and not force:
-        raise CheckpointExistsError(f"{dst} exists", "pass force=True (--force) to replace it")
-    weights, meta = load_weights_and_meta(src, trust_pickle)
-    with out.atomic_write() as fh:
-        write_checkpoint_file(fh, kind, _checkpoint(weights, meta, kind))
-    return Written(dst, out.size(), len(weights))
+    return export(src, dst, dtype=dtype, max_shard_size=max_shard_size, include_optimizer=include_optimizer,
+                  force=force, trust_pickle=trust_pickle, storage_options=storage_options)
 
 
 def publish_name(src: str) -> str:
@@ -131,19 +88,23 @@ def check_name(name: str) -> str:
 
 
 def publish(src: str, dst_dir: str, *, name: str = "", trust_pickle: bool = False,
-            storage_options: Options = None) -> Written:
+            storage_options: Options = None, dtype: Dtype = None) -> Written:
     """Write weights and meta (no optimizer or other training state) as ``DST_DIR/NAME-<sha256[:8]>.pth``.
 
     The name follows torch.hub's convention, so ``load_checkpoint`` and
     ``torch.hub`` check the file's sha256 against it after every download.
+    ``dtype`` (``'bfloat16'``, ...) casts the floating-point tensors first.
 
     Raises:
-        ValueError: ``name`` has characters other than letters, digits, ``.``, ``_`` and ``-``.
+        ValueError: ``name`` has characters other than letters, digits, ``.``, ``_`` and ``-``, or
+            ``dtype`` is not a floating-point dtype.
     """
     name = check_name(name or publish_name(src))
+    cast = parse_dtype(dtype)
     weights, meta = load_weights_and_meta(src, trust_pickle)
+    weights = cast_floating(weights, cast)
     with tempfile.TemporaryFile() as tmp:
-        write_checkpoint_file(tmp, "torch", _checkpoint(weights, meta, "torch"))
+        write_checkpoint_file(tmp, "torch", {"meta": plain_meta(meta), "state_dict": dict(weights)})
         tmp.flush()
         tmp.seek(0)
         entry = HashingReader(tmp).finish()

@@ -126,28 +126,39 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    """Write a checkpoint's weights and meta to one file."""
-    from ..release import convert, kind_for
+    """Write a checkpoint's weights and meta to one file, or to safetensors shards and an index."""
+    from ..format.hf_layout import parse_size
+    from ..release import convert, layout_of, parse_dtype
     try:
-        kind_for(args.dst)
+        layout_of(args.dst, args.max_shard_size)
+        parse_dtype(args.dtype)
+        parse_size(args.max_shard_size)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    written = convert(args.src, args.dst, force=args.force, trust_pickle=args.trust_pickle)
+    written = convert(args.src, args.dst, force=args.force, trust_pickle=args.trust_pickle, dtype=args.dtype,
+                      max_shard_size=args.max_shard_size, include_optimizer=args.include_optimizer)
     if args.json:
-        render.print_json({"source": args.src, "path": written.path, "tensors": written.entries, "size": written.size})
+        render.print_json({"source": args.src, "path": written.path, "tensors": written.entries, "size": written.size,
+                           "files": written.files})
     else:
-        print(f"wrote {written.path}: {written.entries} entries, {render.size(written.size)} (weights and meta only)")
+        what = "weights and meta" + (" and optimizer" if args.include_optimizer else "") + " only"
+        shards = f" in {len(written.files)} files" if len(written.files) > 1 else ""
+        print(f"wrote {written.path}: {written.entries} entries, {render.size(written.size)}{shards} ({what})")
     return 0
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
     """Write weights under a torch.hub-style hashed name."""
-    from ..release import check_name, publish, publish_name
+    from ..release import check_name, parse_dtype, publish, publish_name
     try:
         name = check_name(args.name or publish_name(args.src))
     except ValueError as exc:
         raise UsageError(f"--{exc}") from None
-    written = publish(args.src, args.dst_dir, name=name, trust_pickle=args.trust_pickle)
+    try:
+        parse_dtype(args.dtype)
+    except ValueError as exc:
+        raise UsageError(f"--{exc}") from None
+    written = publish(args.src, args.dst_dir, name=name, trust_pickle=args.trust_pickle, dtype=args.dtype)
     if args.json:
         render.print_json({"path": written.path, "sha256": written.sha256, "size": written.size,
                            "tensors": written.entries})

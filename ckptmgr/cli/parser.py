@@ -68,15 +68,21 @@ def build_parser(commands: Any) -> argparse.ArgumentParser:
     p = add("verify", "check sizes and checksums of every file against the manifest (a step directory, "
                       "or every step of a manager directory); exit 1 on damage")
     p.add_argument("path", metavar="PATH_OR_URL")
-    p = add("convert", "convert weights: .pth <-> .safetensors, manager checkpoint -> one file", loads=True)
+    p = add("convert", "convert weights: .pth <-> .safetensors, any checkpoint -> one file, or -> a directory of "
+                       "safetensors shards with model.safetensors.index.json (the Hugging Face layout)", loads=True)
     p.add_argument("src", metavar="SRC")
-    p.add_argument("dst", metavar="DST", help="ends in .safetensors, .pth, .pt, .bin or .ckpt")
+    p.add_argument("dst", metavar="DST", help="ends in .safetensors, .pth, .pt, .bin or .ckpt for one file; a "
+                                              "directory name (no extension, or a trailing /) for shards")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("--dtype", metavar="DTYPE", help="cast floating-point tensors (bfloat16, float16, float32)")
+    p.add_argument("--max-shard-size", metavar="SIZE", help="largest shard of a directory DST (5GB, 500MB, 2GiB)")
+    p.add_argument("--include-optimizer", action="store_true", help="export the optimizer state too")
     p = add("publish", "write weights without optimizer state as NAME-<sha256[:8]>.pth "
                        "(the torch.hub convention) and print the hash", loads=True)
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst_dir", metavar="DST_DIR")
     p.add_argument("--name", help="file name stem (default: from SRC)")
+    p.add_argument("--dtype", metavar="DTYPE", help="cast floating-point tensors (bfloat16, float16, float32)")
     p = add("prune", "delete committed checkpoints that a retention policy drops (never touches other "
                      "files; refuses a local DIR a job is saving into; on object stores, do not run "
                      "it while a job with a smaller --keep writes to DIR)")

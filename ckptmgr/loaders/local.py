@@ -1,4 +1,4 @@
-"""Loader for local paths and ``file://`` URLs (files, and manager checkpoint directories)."""
+"""Loader for local paths and ``file://`` URLs: files, manager checkpoint directories, safetensors shard directories."""
 from __future__ import annotations
 
 import os
@@ -26,7 +26,15 @@ def load_file(uri: str, map_location: MapLocation = None, trust_pickle: bool = F
 
 
 def load_directory(uri: str, map_location: MapLocation = None, storage_options: Options = None) -> Any:
-    """Load the model weights of a CheckpointManager directory (or one of its step directories)."""
+    """Load the model weights of a CheckpointManager directory (or one of its step directories).
+
+    A directory of safetensors shards with ``model.safetensors.index.json`` (the
+    Hugging Face layout ``ckptmgr convert`` writes) loads as one state dict.
+    """
+    from .hf import is_hf_directory, load_hf_directory
+    store = open_store(uri, storage_options)
+    if is_hf_directory(store):
+        return load_hf_directory(store, map_location)
     from .directory import load_manager_checkpoint  # only directories need the step layer
     return load_manager_checkpoint(uri, map_location=map_location, storage_options=storage_options)
 

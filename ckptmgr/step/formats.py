@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
+from ..errors import CheckpointFormatError
 from ..format.manifest import Manifest, verify_file
 from ..format.maplocation import MapLocation
 from ..format.skeleton import to_skeleton
@@ -26,6 +27,7 @@ from ..sharded import detect
 from ..sharded.layout import FORMAT as SHARDED_FORMAT
 from ..state import objects
 from ..state.modules import get_state_dict
+from ..state.partial import FROZEN, apply_model_state, frozen_record, trainable_state
 from ..state.staging import StagingBuffers
 from .files import read_component, read_model, run_concurrently, write_component, write_model
 from .records import COMPONENTS, LoadedStep, RankFiles, Snapshot, TrainingObjects
@@ -70,7 +72,7 @@ class StepFormat:
         """A copy of ``snapshot`` in reusable CPU buffers, so training may change the originals now."""
         staged = buffers.stage_tree({"rng": snapshot.rng, "model": snapshot.model, "components": snapshot.components})
         return Snapshot(snapshot.step, staged["rng"], staged["model"], staged["components"], dict(snapshot.metrics),
-                        snapshot.sharded)
+                        snapshot.sharded, snapshot.frozen)
 
     def write(self, store: Store, prefix: str, snapshot: Snapshot, rank: int, group: Any = None) -> RankFiles:
         """Write this rank's files into ``store`` (names start with ``prefix``); report them for the manifest."""
@@ -88,7 +90,10 @@ class StepFormat:
         files = dict(done.values())
         files[rng_name] = rng_entry
         store.sync_dir()
-        return RankFiles(files, {comp: name for comp, (name, _) in done.items()}, rng_name)
+        components = {comp: name for comp, (name, _) in done.items()}
+        if rank == 0 and snapshot.frozen:  # save_frozen=False: the manifest records what was left out
+            components[FROZEN] = {"params": snapshot.frozen}
+        return RankFiles(files, components, rng_name)
 
     # ------------------------------------------------------------------ restore
 
@@ -133,8 +138,10 @@ class StepFormat:
         def on_cpu(tensors: Any) -> Dict[str, torch.Tensor]:
             return {k: v.detach() for k, v in tensors.items()
                     if isinstance(v, torch.Tensor) and v.device.type == "cpu"}
-        targets = {"model": on_cpu(get_state_dict(objs.model))}
-        optim = objects.named_state(objs.optimizer, "optimizer")
+        skip = objs.exclude  # excluded tensors are never read into
+        targets = {} if skip.drops("model") else {
+            "model": {k: v for k, v in on_cpu(get_state_dict(objs.model)).items() if not skip.drops_key(k)}}
+        optim = None if skip.drops("optimizer") else objects.named_state(objs.optimizer, "optimizer")
         if optim is not None:
             targets["optimizer"] = on_cpu(to_skeleton(optim, path="optimizer")[1])
         return targets
@@ -147,16 +154,21 @@ class StepFormat:
             KeyMismatchError: ``strict`` and the model does not match.
             CheckpointFormatError: an object passed has no saved state (``strict``) or other names.
         """
-        if loaded.model is not None:
-            objects.apply_model(objs.model, loaded.model[0], loaded.model[1], strict)
-        if not self.owns_optimizer:
-            objects.apply_named(objs.optimizer, loaded.get("optimizer"), "optimizer", strict)
-        objects.apply_named(objs.scheduler, loaded.get("scheduler"), "scheduler", strict)
-        objects.apply_named(objs.scaler, loaded.get("scaler"), "scaler", strict)
-        values = objects.apply_extra(objs.extra, loaded.get("extra"))
+        skip, frozen, what = objs.exclude, frozen_record(loaded.manifest.components), f"step {loaded.manifest.step}"
+        skip.log_components(what)
+        if loaded.model is not None and not skip.drops("model"):
+            if skip or frozen:  # part of the model: frozen keys left out by the save, or keys excluded
+                apply_model_state(objs.model, *loaded.model, strict, frozen=frozen, exclusion=skip, what=what)
+            else:
+                objects.apply_model(objs.model, loaded.model[0], loaded.model[1], strict)
+        for comp in ("scheduler", "scaler") if self.owns_optimizer else ("optimizer", "scheduler", "scaler"):
+            if not skip.drops(comp):
+                objects.apply_named(getattr(objs, comp), loaded.get(comp), comp, strict)
+        values = {} if skip.drops("extra") else objects.apply_extra(objs.extra, loaded.get("extra"))
         if loaded.rng is not None:
-            objects.apply_rng(loaded.rng)
-        else:
+            if not skip.drops("rng"):
+                objects.apply_rng(loaded.rng)
+        elif not skip.drops("rng"):
             logger.warning("step %d has no RNG state for this rank (saved with %d ranks); RNG not restored",
                            loaded.manifest.step, loaded.manifest.world_size)
         return values
@@ -174,10 +186,16 @@ class PlainFormat(StepFormat):
 
     name = "plain"
 
+    def __init__(self, save_frozen: bool = True) -> None:
+        self.save_frozen = save_frozen
+
     def collect(self, step: int, objs: TrainingObjects, metrics: Any, meta: Any, rank: int, world: int) -> Snapshot:
         snapshot = super().collect(step, objs, metrics, meta, rank, world)
-        if rank == 0:
+        if rank == 0 and self.save_frozen:
             snapshot.model = objects.model_state(objs.model)
+        elif rank == 0:  # trainable parameters and buffers only; the manifest records the rest
+            state, module_meta, frozen = trainable_state(objs.model)
+            snapshot.model, snapshot.frozen = (state, module_meta), frozen or None
         return snapshot
 
 
@@ -232,7 +250,11 @@ class ShardedFormat(StepFormat):
     def apply(self, loaded: LoadedStep, store: Store, objs: TrainingObjects, strict: bool,
               group: Any = None) -> Dict[str, Any]:
         from ..sharded.engine import load_into
-        load_into(store, loaded.manifest, objs.model, objs.optimizer, strict, group)  # every rank: a collective
+        if objs.exclude.patterns or objs.exclude.drops("model"):
+            raise CheckpointFormatError(f"{store.root} is a sharded step: exclude takes only component names "
+                                        "other than 'model' there", "restore it whole, or exclude components")
+        optimizer = None if objs.exclude.drops("optimizer") else objs.optimizer
+        load_into(store, loaded.manifest, objs.model, optimizer, strict, group)  # every rank: a collective
         return super().apply(loaded, store, objs, strict, group)
 
     def load_weights(self, store: Store, manifest: Manifest, map_location: MapLocation) -> Any:
@@ -264,11 +286,13 @@ class Formats:
 
     Args:
         setting: ``CheckpointManager(sharded=...)``: ``'auto'``, True or False.
+        save_frozen: ``CheckpointManager(save_frozen=...)``: False leaves frozen parameters out of plain saves.
     """
 
-    def __init__(self, setting: Any) -> None:
+    def __init__(self, setting: Any, save_frozen: bool = True) -> None:
         self.setting = detect.check_setting(setting)
-        self._plain = PlainFormat()
+        self.save_frozen = bool(save_frozen)
+        self._plain = PlainFormat(self.save_frozen)
         self._sharded: Optional[ShardedFormat] = None
 
     def _sharded_format(self) -> "ShardedFormat":
@@ -277,8 +301,17 @@ class Formats:
         return self._sharded
 
     def for_save(self, model: Any) -> StepFormat:
-        """Sharded when the setting is True, or ``'auto'`` and the model holds DTensors; plain otherwise."""
-        return self._sharded_format() if detect.use_sharded(self.setting, model) else self._plain
+        """Sharded when the setting is True, or ``'auto'`` and the model holds DTensors; plain otherwise.
+
+        Raises:
+            CheckpointFormatError: the save would be sharded and ``save_frozen`` is False.
+        """
+        if not detect.use_sharded(self.setting, model):
+            return self._plain
+        if not self.save_frozen:
+            raise CheckpointFormatError("save_frozen=False is for plain saves; this model is saved sharded",
+                                        "pass save_frozen=True, or sharded=False for a model that fits on one rank")
+        return self._sharded_format()
 
     def for_manifest(self, manifest: Manifest) -> StepFormat:
         """The format a committed step was written in."""

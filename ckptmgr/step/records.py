@@ -15,6 +15,7 @@ from torch import nn
 from ..format.checksum import FileEntry
 from ..format.manifest import Manifest
 from ..sharded.engine import ShardedState
+from ..state.partial import NOTHING, Exclusion
 
 __all__ = ["TrainingObjects", "ShardedState", "Snapshot", "RankFiles", "WritePlan", "LoadedStep",
            "RestoredCheckpoint", "COMPONENTS"]
@@ -25,13 +26,17 @@ COMPONENTS = ("optimizer", "scheduler", "scaler", "extra", "meta")
 
 @dataclass
 class TrainingObjects:
-    """The live objects a save reads from and a restore writes into (as the user passed them)."""
+    """The live objects a save reads from and a restore writes into (as the user passed them).
+
+    ``exclude`` is what a restore leaves untouched (``restore(exclude=...)``).
+    """
 
     model: nn.Module
     optimizer: Any = None
     scheduler: Any = None
     scaler: Any = None
     extra: Optional[Mapping[str, Any]] = None
+    exclude: Exclusion = NOTHING
 
 
 @dataclass
@@ -45,6 +50,7 @@ class Snapshot:
         components: Trees of :data:`COMPONENTS` (None when not given); rank 0 only.
         metrics: Metrics for the manifest; rank 0 only.
         sharded: Model and optimizer state through DCP (every rank), for a sharded save.
+        frozen: ``{key: shape}`` of the frozen parameters left out of ``model`` (``save_frozen=False``).
     """
 
     step: int
@@ -53,6 +59,7 @@ class Snapshot:
     components: Dict[str, Any] = field(default_factory=dict)
     metrics: Dict[str, Any] = field(default_factory=dict)
     sharded: Optional[ShardedState] = None
+    frozen: Optional[Dict[str, List[int]]] = None
 
 
 @dataclass

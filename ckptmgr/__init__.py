@@ -20,6 +20,7 @@ from .errors import (
                      UnknownSchemeError,
                      UnsafeCheckpointError,
                      UnserializableStateError,
+                     WorldSizeChangedError,
 )
 from .hooks import CheckpointHook
 from .hub.cache import cached_path
@@ -46,5 +47,5 @@ __all__ = [
     "CheckpointError", "CheckpointNotFoundError", "CheckpointExistsError", "CorruptCheckpointError",
     "ChecksumError", "UnsafeCheckpointError", "KeyMismatchError", "CheckpointFormatError",
     "UnknownSchemeError", "MissingDependencyError", "StorageError", "DownloadError", "DistributedError",
-    "UnserializableStateError", "DirectoryInUseError",
+    "UnserializableStateError", "DirectoryInUseError", "WorldSizeChangedError",
 ]

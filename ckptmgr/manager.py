@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, List, Mapping, Optional, Tuple, Union
 
 from torch import nn
 
@@ -27,6 +27,7 @@ from .format.maplocation import MapLocation
 from .io.access import open_store
 from .io.store import Options, Store
 from .retention import best_of, build_policy, steps_to_delete
+from .state.models import check_model
 from .state.objects import check_index, plain
 from .state.staging import StagingBuffers
 from .step.background import Background
@@ -36,12 +37,15 @@ from .step.index import StepIndex
 from .step.load import agree_on_step
 from .step.names import step_name
 from .step.ownership import DirectoryOwner
-from .step.records import RestoredCheckpoint, Snapshot, TrainingObjects
+from .step.rankstate import check_policy
+from .step.records import Applied, RestoredCheckpoint, Snapshot, TrainingObjects
 from .step.save import save_step
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CheckpointManager", "RestoredCheckpoint", "resume_from_latest"]
+
+ModelArg = Union[nn.Module, Mapping[str, nn.Module]]
 
 
 class CheckpointManager:
@@ -82,9 +86,9 @@ class CheckpointManager:
             torch.distributed the constructor is then a collective (it creates a
             private gloo group for the background agreement).
         storage_options: fsspec options (credentials, endpoint) for URLs.
-        sharded: ``'auto'`` (default): a model whose parameters are DTensors
-            (FSDP2 ``fully_shard``, tensor parallel) is saved sharded; True:
-            always; False: never. Sharded saves write model and optimizer state
+        sharded: ``'auto'`` (default): a model wrapped by FSDP1 or FSDP2 or
+            holding DTensors (tensor parallel) is saved sharded; True: always;
+            False: never (an error for FSDP). Sharded saves write model and optimizer state
             from every rank with torch.distributed.checkpoint (see
             :mod:`ckptmgr.sharded`), inside the same commit protocol; restore
             reshards to any number of ranks. Its metadata is a pickle, checked
@@ -153,10 +157,10 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, step: int, *, model: nn.Module, optimizer: Any = None, scheduler: Any = None,
+    def save(self, step: int, *, model: ModelArg, optimizer: Any = None, scheduler: Any = None,
              scaler: Any = None, extra: Optional[Mapping[str, Any]] = None,
              metrics: Optional[Mapping[str, Any]] = None, meta: Optional[Mapping[str, Any]] = None,
-             force: bool = False) -> str:
+             force: bool = False, rank_state: Any = None) -> str:
         """Write a checkpoint for ``step`` and commit it; then apply retention.
 
         Retention uncommits the steps it drops before ``save`` returns (they
@@ -165,8 +169,9 @@ class CheckpointManager:
 
         Args:
             step: Training step (int >= 0); the directory is ``step_%08d``.
-            model: The model, wrapped (DDP, DataParallel, compiled, accelerate) or not.
-            optimizer: An optimizer or a dict name -> optimizer.
+            model: The model, wrapped (DDP, DataParallel, compiled, accelerate, FSDP) or not; or a dict
+                name -> model (``{"generator": G, "discriminator": D}``), each saved in its own file.
+            optimizer: An optimizer (``ZeroRedundancyOptimizer`` included) or a dict name -> optimizer.
             scheduler: An LR scheduler or a dict name -> scheduler.
             scaler: A ``torch.amp.GradScaler`` (or a dict of them).
             extra: Your state: JSON-like values, tensors, or objects with
@@ -175,6 +180,8 @@ class CheckpointManager:
             meta: Your metadata, stored under ``meta['user']``.
             force: Replace a committed checkpoint of the same step. The old one
                 stays committed until the new one is complete (see :mod:`ckptmgr.step.commit`).
+            rank_state: This rank's own state (each rank writes its own file): a dict name ->
+                stateful object (a data loader), JSON-like value, tensors, or a callable returning one.
 
         Returns:
             URI of the committed step directory.
@@ -187,9 +194,7 @@ class CheckpointManager:
         """
         self._check_open()
         step = check_index("step", step)
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        objs = TrainingObjects(model, optimizer, scheduler, scaler, extra)
+        objs = TrainingObjects(check_model(model), optimizer, scheduler, scaler, extra, rank_state)
         fmt = self.formats.for_save(model)
         if not self.async_save:
             snapshot, error = self._collect(fmt, step, objs, metrics, meta, stage=False)
@@ -210,7 +215,7 @@ class CheckpointManager:
             # async: copy into reused CPU buffers; the training loop may change the originals now
             return (fmt.stage(snapshot, self._staging) if stage else snapshot), None
         except Exception as exc:
-            return Snapshot(step, {}), exc
+            return Snapshot(step=step, rng={}), exc
 
     def _write_and_commit(self, fmt: StepFormat, snapshot: Snapshot, error: Optional[Exception], force: bool,
                           group: Any) -> str:
@@ -259,10 +264,11 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ restore
 
-    def restore(self, step: Optional[int] = None, *, model: nn.Module, optimizer: Any = None,
+    def restore(self, step: Optional[int] = None, *, model: ModelArg, optimizer: Any = None,
                 scheduler: Any = None, scaler: Any = None, extra: Optional[Mapping[str, Any]] = None,
                 strict: bool = True, verify: bool = True, map_location: MapLocation = None,
-                in_place: bool = True) -> Optional[RestoredCheckpoint]:
+                in_place: bool = True, rank_state: Any = None,
+                on_world_size_change: str = "error") -> Optional[RestoredCheckpoint]:
         """Load a checkpoint into the given objects.
 
         Every file is checked against the manifest before anything is applied:
@@ -271,11 +277,12 @@ class CheckpointManager:
         skipped with a warning. The RNG streams (Python, NumPy, torch, CUDA) are
         set to the saved ones too, so training continues exactly. Under
         torch.distributed every rank must call it: rank 0 picks the step, every
-        rank loads it, and its own RNG state.
+        rank loads it, and its own RNG state and rank state (after a world size
+        change, ranks without a saved RNG stream keep theirs, with a warning).
 
         Args:
             step: Step to restore; None for the latest good one.
-            model: Model to load the weights into (wrapped or not).
+            model: Model to load the weights into (wrapped or not), or a dict name -> model as passed to save.
             optimizer, scheduler, scaler: As passed to :meth:`save` (same names for dicts).
             extra: Objects with ``load_state_dict`` to restore by key.
             strict: Model keys and shapes must match exactly, and every object
@@ -289,11 +296,16 @@ class CheckpointManager:
                 them with an older step, and an explicit ``step`` raises, so do
                 not train on after a failed restore. Pass False to leave them
                 untouched until every file has checked out.
+            rank_state: This rank's objects for its saved rank state (a dict, or a
+                callable returning one); saved values are in ``RestoredCheckpoint.rank_state``.
+            on_world_size_change: ``'error'``: a step with rank state of another world size raises
+                WorldSizeChangedError before anything is loaded; ``'skip'``: restore the rest, warn.
 
         Returns:
             A :class:`RestoredCheckpoint`, or None when nothing is committed.
 
         Raises:
+            WorldSizeChangedError: see ``on_world_size_change``.
             CheckpointNotFoundError: ``step`` is not committed.
             ChecksumError, CorruptCheckpointError: ``step`` is damaged, or every checkpoint is.
             KeyMismatchError: ``strict`` and the model does not match.
@@ -302,24 +314,27 @@ class CheckpointManager:
         self._check_open()
         if step is not None:
             step = check_index("step", step)
+        policy = check_policy(on_world_size_change)
         self.wait()  # never read a directory a background save is still writing
-        objs = TrainingObjects(model, optimizer, scheduler, scaler, extra)
+        objs = TrainingObjects(check_model(model), optimizer, scheduler, scaler, extra, rank_state)
 
         def candidates() -> List[int]:
             with self._index_lock:
                 return list(self.index.refresh())
         found = agree_on_step(self.store, self.formats, objs, step, candidates, verify=verify,
-                              map_location=map_location, in_place=in_place and map_location in (None, "cpu"))
+                              map_location=map_location, in_place=in_place and map_location in (None, "cpu"),
+                              on_world_size_change=policy)
         if found is None:
             return None
         chosen, fmt, loaded = found
-        values: Dict[str, Any] = {}
+        applied: List[Applied] = []
         step_store = self.store.sub(step_name(chosen))
         agree(f"restoring step {chosen} from {self.directory} (apply)",
-              lambda: values.update(fmt.apply(loaded, step_store, objs, strict)))
+              lambda: applied.append(fmt.apply(loaded, step_store, objs, strict)))
         self._restored_step = chosen
-        return RestoredCheckpoint(step=chosen, extra=values, meta=plain(loaded.get("meta") or {}),
-                                  metrics=dict(loaded.manifest.metrics), path=self._step_uri(chosen))
+        return RestoredCheckpoint(step=chosen, extra=applied[0].extra, meta=plain(loaded.get("meta") or {}),
+                                  metrics=dict(loaded.manifest.metrics), path=self._step_uri(chosen),
+                                  rank_state=applied[0].rank_state)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -365,15 +380,15 @@ class CheckpointManager:
         return f"CheckpointManager({self.directory!r}, policy={self.policy})"
 
 
-def resume_from_latest(directory: Any, *, model: nn.Module, optimizer: Any = None, scheduler: Any = None,
+def resume_from_latest(directory: Any, *, model: ModelArg, optimizer: Any = None, scheduler: Any = None,
                        scaler: Any = None, **kwargs: Any) -> int:
     """Restore the latest good checkpoint of ``directory`` and return the step to continue from.
 
     Args:
         directory: A manager directory (local path or URL).
-        model, optimizer, scheduler, scaler: Objects to restore.
-        **kwargs: ``extra``, ``strict``, ``verify``, ``map_location`` (see
-            :meth:`CheckpointManager.restore`) and ``storage_options``.
+        model, optimizer, scheduler, scaler: Objects to restore (``model``: a module or a dict name -> module).
+        **kwargs: ``extra``, ``rank_state``, ``on_world_size_change``, ``strict``,
+            ``verify``, ``map_location`` (see :meth:`CheckpointManager.restore`) and ``storage_options``.
 
     Returns:
         Restored step + 1, or 0 when nothing is committed yet.

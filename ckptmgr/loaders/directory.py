@@ -23,7 +23,8 @@ __all__ = ["load_manager_checkpoint"]
 
 
 def load_manager_checkpoint(uri: str, map_location: MapLocation = None,
-                            storage_options: Options = None, model_name: Optional[str] = None) -> Dict[str, Any]:
+                            storage_options: Options = None, model_name: Optional[str] = None,
+                            every_model: bool = False) -> Dict[str, Any]:
     """Load the model weights of a manager checkpoint (what ``load_checkpoint`` calls for directories).
 
     Args:
@@ -33,6 +34,8 @@ def load_manager_checkpoint(uri: str, map_location: MapLocation = None,
         storage_options: fsspec options for URLs.
         model_name: Which model of a step saved with a dict of models (may be
             omitted when the step holds one model).
+        every_model: Also return ``state_dicts``: every model's weights by name
+            (``state_dict`` is then None when the step holds several).
 
     Returns:
         ``{'state_dict', 'meta', 'step', 'metrics', 'models'}`` (and ``model_name``
@@ -49,9 +52,9 @@ def load_manager_checkpoint(uri: str, map_location: MapLocation = None,
     store = open_store(trimmed, storage_options)
     step = parse_step_name(trimmed.rsplit("/", 1)[-1])
     if step is not None:
-        loaded = load_weights(store, step, map_location, model_name)
+        loaded = load_weights(store, step, map_location, model_name, every_model)
     else:
-        loaded = load_latest_weights(store, map_location, model_name)
+        loaded = load_latest_weights(store, map_location, model_name, every_model)
     if model_name is not None:
         loaded["model_name"] = model_name  # tells load_checkpoint the choice is made
     return loaded

@@ -141,11 +141,13 @@ def agree_on_step(store: Store, formats: Formats, objs: TrainingObjects, step: O
 
 
 def load_weights(step_store: Store, step: Optional[int] = None, map_location: MapLocation = None,
-                 model_name: Optional[str] = None) -> Dict[str, Any]:
+                 model_name: Optional[str] = None, every_model: bool = False) -> Dict[str, Any]:
     """Weights and meta of one committed step, verified: ``{'state_dict', 'meta', 'step', 'metrics', 'models'}``.
 
     ``models`` lists the names of the step's models (``['model']`` for one
-    module); ``model_name`` picks one of several (with a single one it may be omitted).
+    module); ``model_name`` picks one of several (with a single one it may be
+    omitted). With ``every_model``, ``state_dicts`` maps every name to its
+    weights and ``state_dict`` is the only model's (None when there are several).
 
     Raises:
         CheckpointNotFoundError: the step has no manifest (never committed).
@@ -159,11 +161,16 @@ def load_weights(step_store: Store, step: Optional[int] = None, map_location: Ma
                                       "load another step; `ckptmgr ls DIR` lists committed ones") from None
     if step is not None and manifest.step != step:
         raise CorruptCheckpointError(f"{step_store.root}: the manifest records step {manifest.step}")
-    weights = format_of(manifest).load_weights(step_store, manifest, map_location, model_name)
+    fmt, names = format_of(manifest), model_names(manifest)
     name = manifest.file_for("meta")
     meta = read_component(step_store, manifest, name, True) if name else {}
-    return {"state_dict": weights, "meta": plain(meta), "step": manifest.step, "metrics": dict(manifest.metrics),
-            "models": model_names(manifest)}
+    out = {"meta": plain(meta), "step": manifest.step, "metrics": dict(manifest.metrics), "models": names}
+    if every_model:
+        out["state_dicts"] = {n: fmt.load_weights(step_store, manifest, map_location, n) for n in names}
+        out["state_dict"] = out["state_dicts"][names[0]] if len(names) == 1 else None
+    else:
+        out["state_dict"] = fmt.load_weights(step_store, manifest, map_location, model_name)
+    return out
 
 
 def model_names(manifest: Manifest) -> List[str]:
@@ -176,8 +183,8 @@ def model_names(manifest: Manifest) -> List[str]:
     return sorted(table[1]) if table is not None else ["model"]
 
 
-def load_latest_weights(store: Store, map_location: MapLocation = None,
-                        model_name: Optional[str] = None) -> Dict[str, Any]:
+def load_latest_weights(store: Store, map_location: MapLocation = None, model_name: Optional[str] = None,
+                        every_model: bool = False) -> Dict[str, Any]:
     """:func:`load_weights` of the newest good step of a manager directory.
 
     Raises:
@@ -185,8 +192,8 @@ def load_latest_weights(store: Store, map_location: MapLocation = None,
         CorruptCheckpointError: every step is damaged.
     """
     steps = list(StepIndex(store).refresh())
-    found = newest_good(steps, lambda s: load_weights(store.sub(step_name(s)), s, map_location, model_name),
-                        store.root)
+    found = newest_good(steps, lambda s: load_weights(store.sub(step_name(s)), s, map_location, model_name,
+                                                      every_model), store.root)
     if found is None:
         raise CheckpointNotFoundError(f"{store.root} is a directory with no committed checkpoint",
                                       "pass a checkpoint file, a step_XXXXXXXX directory, or a manager directory")

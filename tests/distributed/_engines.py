@@ -349,6 +349,14 @@ def phase_one(rank, world, root):
     gan = {"g": _init(7), "d": _init(8, width=12)}
     gan_opts = {n: torch.optim.Adam(m.parameters(), lr=1e-2) for n, m in gan.items()}
     CheckpointManager(os.path.join(root, "fsdp1_gan")).restore(model=gan, optimizer=gan_opts)
+    import ckptmgr
+    weights = ckptmgr.sharded.consolidate(os.path.join(root, "fsdp1", "step_00000003"))
+    g = _init(10)
+    ckptmgr.load_checkpoint(g, os.path.join(root, "fsdp1_gan"), strict=True, model_name="g")
     out["fsdp1"] = {"plain": _same(fsdp_ref, _full_state(plain, plain_opt)),
-                    "gan": all(_same(gan_ref[n], _full_state(gan[n], gan_opts[n])) for n in gan)}
+                    "gan": all(_same(gan_ref[n], _full_state(gan[n], gan_opts[n])) for n in gan),
+                    "consolidate": _same({k[len("model/"):]: v for k, v in fsdp_ref.items() if k.startswith("model/")},
+                                         dict(weights)),
+                    "load_checkpoint_gan": _same({k[len("model/"):]: v for k, v in gan_ref["g"].items()
+                                                  if k.startswith("model/")}, dict(g.state_dict()))}
     return out

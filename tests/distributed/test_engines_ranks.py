@@ -115,4 +115,4 @@ def test_fsdp1_is_saved_sharded_and_round_trips_on_two_ranks(saved):
 
 
 def test_fsdp1_checkpoints_restore_on_one_rank_into_plain_models(one):
-    assert one["fsdp1"] == {"plain": True, "gan": True}
+    assert one["fsdp1"] == {"plain": True, "gan": True, "consolidate": True, "load_checkpoint_gan": True}

@@ -20,12 +20,10 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
 
-from torch import nn
-
 from . import distributed as dist
 from .errors import CheckpointError
 from .manager import CheckpointManager, RestoredCheckpoint
-from .state.models import check_model
+from .state.models import ModelArg, check_model
 from .state.objects import check_index
 
 logger = logging.getLogger(__name__)
@@ -110,7 +108,7 @@ class CheckpointHook:
         ValueError: a period is not positive, or a signal cannot be caught.
     """
 
-    def __init__(self, manager: CheckpointManager, *, model: Union[nn.Module, Mapping[str, nn.Module]],
+    def __init__(self, manager: CheckpointManager, *, model: ModelArg,
                  optimizer: Any = None, scheduler: Any = None, scaler: Any = None, extra: ExtraArg = None,
                  every_n_steps: Optional[int] = None, every_n_epochs: Optional[int] = None,
                  every_n_seconds: Optional[float] = None,

@@ -15,9 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any, List, Mapping, Optional, Tuple, Union
-
-from torch import nn
+from typing import Any, List, Mapping, Optional, Tuple
 
 from . import distributed as dist
 from .distributed import agree
@@ -27,7 +25,7 @@ from .format.maplocation import MapLocation
 from .io.access import open_store
 from .io.store import Options, Store
 from .retention import best_of, build_policy, steps_to_delete
-from .state.models import check_model
+from .state.models import ModelArg, check_model
 from .state.objects import check_index, plain
 from .state.staging import StagingBuffers
 from .step.background import Background
@@ -44,8 +42,6 @@ from .step.save import save_step
 logger = logging.getLogger(__name__)
 
 __all__ = ["CheckpointManager", "RestoredCheckpoint", "resume_from_latest"]
-
-ModelArg = Union[nn.Module, Mapping[str, nn.Module]]
 
 
 class CheckpointManager:
@@ -277,8 +273,7 @@ class CheckpointManager:
         skipped with a warning. The RNG streams (Python, NumPy, torch, CUDA) are
         set to the saved ones too, so training continues exactly. Under
         torch.distributed every rank must call it: rank 0 picks the step, every
-        rank loads it, and its own RNG state and rank state (after a world size
-        change, ranks without a saved RNG stream keep theirs, with a warning).
+        rank loads it, its own RNG state (if it has one) and its own rank state.
 
         Args:
             step: Step to restore; None for the latest good one.

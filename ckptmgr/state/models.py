@@ -9,11 +9,14 @@ restricted to letters, digits, ``_`` and ``-``.
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Tuple, Union
 
 from torch import nn
 
-__all__ = ["SINGLE_NAME", "as_models", "check_model", "modules_of", "dcp_module"]
+__all__ = ["SINGLE_NAME", "ModelArg", "as_models", "check_model", "modules_of", "dcp_module"]
+
+#: What ``model=`` accepts.
+ModelArg = Union[nn.Module, Mapping[str, nn.Module]]
 
 #: The name a model passed as one module goes by (its file is ``model.safetensors``).
 SINGLE_NAME = "model"

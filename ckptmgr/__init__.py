@@ -21,12 +21,14 @@ from .errors import (
                      UnknownSchemeError,
                      UnsafeCheckpointError,
                      UnserializableStateError,
+                     WorldSizeChangedError,
 )
 from .exporter import export
 from .hooks import CheckpointHook
 from .hub.cache import cached_path
 from .loaders.registry import CheckpointLoader
-from .manager import CheckpointManager, RestoredCheckpoint, resume_from_latest
+from .manager import CheckpointManager, RestoredCheckpoint
+from .resume import resume_from_latest
 from .state.modules import (
                      LoadReport,
                      get_state_dict,
@@ -48,5 +50,5 @@ __all__ = [
     "CheckpointError", "CheckpointNotFoundError", "CheckpointExistsError", "CorruptCheckpointError",
     "ChecksumError", "UnsafeCheckpointError", "KeyMismatchError", "CheckpointFormatError",
     "UnknownSchemeError", "MissingDependencyError", "StorageError", "DownloadError", "DistributedError",
-    "UnserializableStateError", "DirectoryInUseError", "FrozenParametersError",
+    "UnserializableStateError", "DirectoryInUseError", "FrozenParametersError", "WorldSizeChangedError",
 ]

@@ -107,8 +107,8 @@ def _looks_like_state_dict(mapping: Mapping[str, Any]) -> bool:
 def load_checkpoint(model: nn.Module, filename: str, map_location: MapLocation = None, strict: bool = False,
                     logger: LoggerLike = None,
                     revise_keys: Iterable[Tuple[str, str]] = ((r"^module\.", ""),), *,
-                    trust_pickle: bool = False,
-                    storage_options: Optional[Dict[str, Any]] = None, **loader_kwargs: Any) -> Any:
+                    trust_pickle: bool = False, storage_options: Optional[Dict[str, Any]] = None,
+                    model_name: Optional[str] = None, **loader_kwargs: Any) -> Any:
     """Load a checkpoint from a path or URL into ``model``.
 
     Args:
@@ -123,6 +123,9 @@ def load_checkpoint(model: nn.Module, filename: str, map_location: MapLocation =
             (default strips a DDP ``module.`` prefix).
         trust_pickle: Allow arbitrary pickle code (only for trusted files).
         storage_options: fsspec options for URLs.
+        model_name: For a manager checkpoint saved with ``model={name: module, ...}``:
+            which model to load (may be omitted when it holds one). For a file
+            holding ``{name: state_dict, ...}``: the top-level key to load.
         **loader_kwargs: Options for the scheme's loader, passed on when it accepts
             them (e.g. ``check_hash=False`` for http and zoo URLs).
 
@@ -130,15 +133,35 @@ def load_checkpoint(model: nn.Module, filename: str, map_location: MapLocation =
         The loaded checkpoint (usually a dict).
 
     Raises:
-        CheckpointFormatError: the file holds no state dict.
+        CheckpointFormatError: the file holds no state dict, or no model ``model_name``
+            (the message lists the names there are).
         KeyMismatchError: ``strict`` and the keys do not match.
         UnsafeCheckpointError: the file needs pickle and ``trust_pickle`` is False.
     """
+    if model_name is not None:
+        loader_kwargs["model_name"] = model_name
     checkpoint = CheckpointLoader.load_checkpoint(filename, map_location, logger, trust_pickle=trust_pickle,
                                                   storage_options=storage_options, **loader_kwargs)
-    state_dict = _revise_keys(extract_state_dict(checkpoint, str(filename)), revise_keys)
+    state_dict = _revise_keys(extract_state_dict(_select_model(checkpoint, model_name, str(filename)),
+                                                 str(filename)), revise_keys)
     load_state_dict(model, state_dict, strict=strict, logger=logger)
     return checkpoint
+
+
+def _select_model(checkpoint: Any, model_name: Optional[str], source: str) -> Any:
+    """The part of ``checkpoint`` holding model ``model_name`` (a manager's loader chose it already).
+
+    Raises:
+        CheckpointFormatError: the checkpoint has no such top-level key.
+    """
+    if model_name is None or not isinstance(checkpoint, Mapping) or checkpoint.get("model_name") == model_name:
+        return checkpoint
+    inner = checkpoint.get(model_name)
+    if isinstance(inner, Mapping):
+        return inner
+    keys = sorted(str(k) for k in checkpoint)
+    raise CheckpointFormatError(f"{source} has no model named {model_name!r}; its top-level keys are {keys}",
+                                "pass model_name= one of them, or none for a single-model checkpoint")
 
 
 def load_checkpoint_with_prefix(prefix: str, filename: str, map_location: MapLocation = None, *,

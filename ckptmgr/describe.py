@@ -100,7 +100,7 @@ def _optimizers(state: Any) -> Optional[Dict[str, Any]]:
 
 
 def _describe_step(uri: str, limit: Optional[int]) -> Dict[str, Any]:
-    loaded = load_manager_checkpoint(uri, map_location="cpu")    # verifies the weights and meta files
+    loaded = load_manager_checkpoint(uri, map_location="cpu", every_model=True)  # verifies weights and meta
     store = open_store(uri.rstrip("/"))
     root = store if is_step_dir(uri) else store.sub(step_name(loaded["step"]))
     manifest = read_manifest(root)
@@ -112,7 +112,9 @@ def _describe_step(uri: str, limit: Optional[int]) -> Dict[str, Any]:
     return {"source": root.root, "kind": "manager checkpoint", "step": loaded["step"], "time": manifest.time,
             "world_size": manifest.world_size, "metrics": manifest.metrics,
             "files": {n: e.size for n, e in sorted(manifest.files.items())}, "meta": jsonable(loaded["meta"]),
-            "state_dict": _tensor_table(loaded["state_dict"], limit),
+            "state_dict": None if loaded["state_dict"] is None else _tensor_table(loaded["state_dict"], limit),
+            "models": None if loaded["state_dict"] is not None else {
+                name: _tensor_table(weights, limit) for name, weights in loaded["state_dicts"].items()},
             "optimizer": _optimizers(component("optimizer")),
             "scheduler": None if schedulers is None else {
                 n: jsonable({k: v for k, v in s.items() if k in ("last_epoch", "_last_lr")})
@@ -151,7 +153,9 @@ def describe_checkpoint(uri: str, limit: Optional[int] = None, trust_pickle: boo
     Returns:
         ``{'source', 'kind', 'meta', 'state_dict': {'tensors', 'elements', 'bytes',
         'dtypes', 'keys': [{'key', 'shape', 'dtype'}], ...}, 'optimizer', ...}``;
-        manager checkpoints add step, time, world size, metrics, files, scheduler and extra keys.
+        manager checkpoints add step, time, world size, metrics, files, scheduler and extra keys,
+        and, for a step saved with a dict of models, ``models``: name -> such a table
+        (``state_dict`` is then None).
 
     Raises:
         CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError: as for loading.

@@ -15,6 +15,7 @@ __all__ = [
     "KeyMismatchError", "CheckpointFormatError", "UnknownSchemeError",
     "MissingDependencyError", "StorageError", "DownloadError",
     "DistributedError", "UnserializableStateError", "DirectoryInUseError", "FrozenParametersError",
+    "WorldSizeChangedError",
 ]
 
 
@@ -130,3 +131,10 @@ class DirectoryInUseError(CheckpointError, RuntimeError):
 
     default_hint = ("two jobs must not save into one directory: stop the other job, or give this one its own "
                     "directory")
+
+
+class WorldSizeChangedError(CheckpointError, RuntimeError):
+    """The step holds per-rank state of another number of ranks than this job has."""
+
+    default_hint = ("restore with the number of ranks that saved it, or pass on_world_size_change='skip' to "
+                    "restore everything else and leave rank_state as it is")

@@ -20,11 +20,10 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
 
-from torch import nn
-
 from . import distributed as dist
 from .errors import CheckpointError
 from .manager import CheckpointManager, RestoredCheckpoint
+from .state.models import ModelArg, check_model
 from .state.objects import check_index
 
 logger = logging.getLogger(__name__)
@@ -86,7 +85,7 @@ class CheckpointHook:
 
     Args:
         manager: The :class:`~ckptmgr.CheckpointManager` that writes and restores.
-        model: The model (wrapped or not).
+        model: The model (wrapped or not), or a dict name -> model.
         optimizer: An optimizer or a dict name -> optimizer.
         scheduler: An LR scheduler or a dict name -> scheduler.
         scaler: A grad scaler (or a dict of them).
@@ -99,24 +98,27 @@ class CheckpointHook:
             since the hook was created or resumed), by rank 0's clock.
         save_on_signals: Signals that mean "you are about to be stopped"; empty
             or None to install no handler.
+        rank_state: This rank's own state (a data loader's position), a dict or
+            a callable returning one; every rank saves its own and
+            :meth:`resume` gives each rank its own back (see :meth:`CheckpointManager.save`).
 
     Raises:
-        TypeError: ``manager`` is not a CheckpointManager, ``model`` not a module,
-            or ``extra`` neither a dict nor a callable.
+        TypeError: ``manager`` is not a CheckpointManager, ``model`` not a module
+            or dict of modules, or ``extra``/``rank_state`` neither a dict nor a callable.
         ValueError: a period is not positive, or a signal cannot be caught.
     """
 
-    def __init__(self, manager: CheckpointManager, *, model: nn.Module, optimizer: Any = None,
-                 scheduler: Any = None, scaler: Any = None, extra: ExtraArg = None,
+    def __init__(self, manager: CheckpointManager, *, model: ModelArg,
+                 optimizer: Any = None, scheduler: Any = None, scaler: Any = None, extra: ExtraArg = None,
                  every_n_steps: Optional[int] = None, every_n_epochs: Optional[int] = None,
                  every_n_seconds: Optional[float] = None,
-                 save_on_signals: Optional[Iterable[Any]] = (signal.SIGTERM,)) -> None:
+                 save_on_signals: Optional[Iterable[Any]] = (signal.SIGTERM,), rank_state: ExtraArg = None) -> None:
         if not isinstance(manager, CheckpointManager):
             raise TypeError(f"manager must be a CheckpointManager, got {type(manager).__name__}")
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if extra is not None and not (isinstance(extra, Mapping) or callable(extra)):
-            raise TypeError(f"extra must be a dict or a callable returning one, got {type(extra).__name__}")
+        check_model(model)
+        for name, value in (("extra", extra), ("rank_state", rank_state)):
+            if value is not None and not (isinstance(value, Mapping) or callable(value)):
+                raise TypeError(f"{name} must be a dict or a callable returning one, got {type(value).__name__}")
         if every_n_seconds is not None and (isinstance(every_n_seconds, bool)
                                             or not isinstance(every_n_seconds, numbers.Real)
                                             or not every_n_seconds > 0):
@@ -124,6 +126,7 @@ class CheckpointHook:
         self.manager = manager
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.extra = extra
+        self.rank_state = rank_state
         self.every_n_steps = _positive_int("every_n_steps", every_n_steps)
         self.every_n_epochs = _positive_int("every_n_epochs", every_n_epochs)
         self.every_n_seconds = None if every_n_seconds is None else float(every_n_seconds)
@@ -281,7 +284,7 @@ class CheckpointHook:
         if signal_name is not None:
             meta["signal"] = signal_name
         self.manager.save(step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                          scaler=self.scaler, extra=extra, metrics=metrics, meta=meta)
+                          scaler=self.scaler, extra=extra, metrics=metrics, meta=meta, rank_state=self.rank_state)
         self.last_saved_step = step
         self._since = self._clock()
 
@@ -291,12 +294,13 @@ class CheckpointHook:
         """Restore the newest good checkpoint into the hook's objects; return the step to start from.
 
         Every rank must call it. Objects with ``load_state_dict`` in ``extra``
-        (for a callable, in what it returns now) are loaded in place; all saved
-        extra values are in ``hook.restored.extra``.
+        and ``rank_state`` (for a callable, in what it returns now) are loaded
+        in place; all saved values are in ``hook.restored.extra`` and
+        ``hook.restored.rank_state``.
 
         Args:
-            **kwargs: ``step``, ``strict``, ``verify``, ``map_location`` for
-                :meth:`CheckpointManager.restore`.
+            **kwargs: ``step``, ``strict``, ``verify``, ``map_location``,
+                ``on_world_size_change`` for :meth:`CheckpointManager.restore`.
 
         Returns:
             The restored step + 1, or 0 when the directory has no checkpoint yet.
@@ -305,9 +309,10 @@ class CheckpointHook:
             CheckpointError: see :meth:`CheckpointManager.restore`.
         """
         targets = self.extra() if callable(self.extra) else self.extra
+        rank_targets = self.rank_state() if callable(self.rank_state) else self.rank_state
         self.restored = self.manager.restore(model=self.model, optimizer=self.optimizer,
                                              scheduler=self.scheduler, scaler=self.scaler, extra=targets,
-                                             **kwargs)
+                                             rank_state=rank_targets, **kwargs)
         self._since = self._clock()
         if self.restored is None:
             return 0

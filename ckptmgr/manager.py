@@ -15,9 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any, Dict, List, Mapping, Optional, Tuple
-
-from torch import nn
+from typing import Any, List, Mapping, Optional, Tuple
 
 from . import distributed as dist
 from .distributed import agree
@@ -26,7 +24,8 @@ from .faults import fault_point
 from .format.maplocation import MapLocation
 from .io.access import open_store
 from .io.store import Options, Store
-from .retention import best_of, build_policy, steps_to_delete
+from .retention import best_of, build_policy, uncommit_dropped
+from .state.models import ModelArg, check_model
 from .state.objects import check_index, plain
 from .state.partial import Exclusion
 from .state.staging import StagingBuffers
@@ -37,13 +36,14 @@ from .step.index import StepIndex
 from .step.load import agree_on_step
 from .step.names import step_name
 from .step.ownership import DirectoryOwner
-from .step.records import RestoredCheckpoint, Snapshot, TrainingObjects
+from .step.rankstate import check_policy
+from .step.records import Applied, RestoredCheckpoint, Snapshot, TrainingObjects
 from .step.save import save_step
 from .warmstart import DEFAULT_REVISE_KEYS, WarmStart
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointManager", "RestoredCheckpoint", "resume_from_latest"]
+__all__ = ["CheckpointManager", "RestoredCheckpoint"]
 
 
 class CheckpointManager:
@@ -84,9 +84,9 @@ class CheckpointManager:
             torch.distributed the constructor is then a collective (it creates a
             private gloo group for the background agreement).
         storage_options: fsspec options (credentials, endpoint) for URLs.
-        sharded: ``'auto'`` (default): a model whose parameters are DTensors
-            (FSDP2 ``fully_shard``, tensor parallel) is saved sharded; True:
-            always; False: never. Sharded saves write model and optimizer state
+        sharded: ``'auto'`` (default): a model wrapped by FSDP1 or FSDP2 or
+            holding DTensors (tensor parallel) is saved sharded; True: always;
+            False: never (an error for FSDP). Sharded saves write model and optimizer state
             from every rank with torch.distributed.checkpoint (see
             :mod:`ckptmgr.sharded`), inside the same commit protocol; restore
             reshards to any number of ranks. Its metadata is a pickle, checked
@@ -161,10 +161,10 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, step: int, *, model: nn.Module, optimizer: Any = None, scheduler: Any = None,
+    def save(self, step: int, *, model: ModelArg, optimizer: Any = None, scheduler: Any = None,
              scaler: Any = None, extra: Optional[Mapping[str, Any]] = None,
              metrics: Optional[Mapping[str, Any]] = None, meta: Optional[Mapping[str, Any]] = None,
-             force: bool = False) -> str:
+             force: bool = False, rank_state: Any = None) -> str:
         """Write a checkpoint for ``step`` and commit it; then apply retention.
 
         Retention uncommits the steps it drops before ``save`` returns (they
@@ -173,8 +173,9 @@ class CheckpointManager:
 
         Args:
             step: Training step (int >= 0); the directory is ``step_%08d``.
-            model: The model, wrapped (DDP, DataParallel, compiled, accelerate) or not.
-            optimizer: An optimizer or a dict name -> optimizer.
+            model: The model, wrapped (DDP, DataParallel, compiled, accelerate, FSDP) or not; or a dict
+                name -> model (``{"generator": G, "discriminator": D}``), each saved in its own file.
+            optimizer: An optimizer (``ZeroRedundancyOptimizer`` included) or a dict name -> optimizer.
             scheduler: An LR scheduler or a dict name -> scheduler.
             scaler: A ``torch.amp.GradScaler`` (or a dict of them).
             extra: Your state: JSON-like values, tensors, or objects with
@@ -183,6 +184,8 @@ class CheckpointManager:
             meta: Your metadata, stored under ``meta['user']``.
             force: Replace a committed checkpoint of the same step. The old one
                 stays committed until the new one is complete (see :mod:`ckptmgr.step.commit`).
+            rank_state: This rank's own state (each rank writes its own file): a dict name ->
+                stateful object (a data loader), JSON-like value, tensors, or a callable returning one.
 
         Returns:
             URI of the committed step directory.
@@ -195,9 +198,7 @@ class CheckpointManager:
         """
         self._check_open()
         step = check_index("step", step)
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        objs = TrainingObjects(model, optimizer, scheduler, scaler, extra)
+        objs = TrainingObjects(check_model(model), optimizer, scheduler, scaler, extra, rank_state)
         fmt = self.formats.for_save(model)
         if not self.async_save:
             snapshot, error = self._collect(fmt, step, objs, metrics, meta, stage=False)
@@ -218,7 +219,7 @@ class CheckpointManager:
             # async: copy into reused CPU buffers; the training loop may change the originals now
             return (fmt.stage(snapshot, self._staging) if stage else snapshot), None
         except Exception as exc:
-            return Snapshot(step, {}), exc
+            return Snapshot(step=step, rng={}), exc
 
     def _write_and_commit(self, fmt: StepFormat, snapshot: Snapshot, error: Optional[Exception], force: bool,
                           group: Any) -> str:
@@ -243,23 +244,9 @@ class CheckpointManager:
             self._protocol.clean_leftovers(self.index.names, self.index.uncommitted)
 
     def _apply_retention(self, saved: int) -> None:
-        """Uncommit what the policy drops (rank 0, after the commit; failures only logged)."""
-        with self._index_lock:
-            known = self.index.known()
-        protected = {saved}
-        if self._restored_step is not None and self._restored_step == max(known):
-            protected.add(self._restored_step)
-        reclaims = []
-        for step in steps_to_delete(list(known.values()), self.policy, protected):
-            try:
-                reclaims.append(self._protocol.uncommit(step))
-            except Exception as exc:  # the new checkpoint is committed; deleting can wait
-                logger.warning("retention could not delete step %d: %s", step, exc)
-                continue
-            with self._index_lock:
-                self.index.discard(step)
-            logger.info("retention deleted checkpoint step %d", step)
-            fault_point("retention.between_deletes")
+        """Uncommit what the policy drops (rank 0, after the commit); free their space in the background."""
+        reclaims = uncommit_dropped(self.index, self._index_lock, self.policy, saved, self._restored_step,
+                                    self._protocol)
         if reclaims:
             # The dropped steps are uncommitted already; freeing their blocks can happen
             # after save() returns. The next save (and close) waits for it first.
@@ -267,10 +254,11 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ restore
 
-    def restore(self, step: Optional[int] = None, *, model: nn.Module, optimizer: Any = None,
+    def restore(self, step: Optional[int] = None, *, model: ModelArg, optimizer: Any = None,
                 scheduler: Any = None, scaler: Any = None, extra: Optional[Mapping[str, Any]] = None,
                 strict: bool = True, verify: bool = True, map_location: MapLocation = None,
-                in_place: bool = True, exclude: Any = ()) -> Optional[RestoredCheckpoint]:
+                in_place: bool = True, exclude: Any = (), rank_state: Any = None,
+                on_world_size_change: str = "error") -> Optional[RestoredCheckpoint]:
         """Load a checkpoint into the given objects.
 
         Every file is checked against the manifest before anything is applied:
@@ -279,11 +267,11 @@ class CheckpointManager:
         skipped with a warning. The RNG streams (Python, NumPy, torch, CUDA) are
         set to the saved ones too, so training continues exactly. Under
         torch.distributed every rank must call it: rank 0 picks the step, every
-        rank loads it, and its own RNG state.
+        rank loads it, its own RNG state (if it has one) and its own rank state.
 
         Args:
             step: Step to restore; None for the latest good one.
-            model: Model to load the weights into (wrapped or not).
+            model: Model to load the weights into (wrapped or not), or a dict name -> model as passed to save.
             optimizer, scheduler, scaler: As passed to :meth:`save` (same names for dicts).
             extra: Objects with ``load_state_dict`` to restore by key.
             strict: Model keys and shapes must match exactly, and every object
@@ -299,11 +287,16 @@ class CheckpointManager:
                 untouched until every file has checked out.
             exclude: Component names (``'optimizer'``, ``'rng'``, ...) and model-key patterns (``'re:^head\\.'``)
                 to leave untouched, logged at INFO (see :class:`ckptmgr.state.partial.Exclusion`).
+            rank_state: This rank's objects for its saved rank state (a dict, or a
+                callable returning one); saved values are in ``RestoredCheckpoint.rank_state``.
+            on_world_size_change: ``'error'``: a step with rank state of another world size raises
+                WorldSizeChangedError before anything is loaded; ``'skip'``: restore the rest, warn.
 
         Returns:
             A :class:`RestoredCheckpoint`, or None when nothing is committed (after a warm start from ``init_from``).
 
         Raises:
+            WorldSizeChangedError: see ``on_world_size_change``.
             CheckpointNotFoundError: ``step`` is not committed.
             ChecksumError, CorruptCheckpointError: ``step`` is damaged, or every checkpoint is.
             KeyMismatchError: ``strict`` and the model does not match (FrozenParametersError: its frozen part).
@@ -312,14 +305,17 @@ class CheckpointManager:
         self._check_open()
         if step is not None:
             step = check_index("step", step)
+        policy = check_policy(on_world_size_change)
         self.wait()  # never read a directory a background save is still writing
-        objs = TrainingObjects(model, optimizer, scheduler, scaler, extra, exclude=Exclusion.parse(exclude))
+        objs = TrainingObjects(check_model(model), optimizer, scheduler, scaler, extra, rank_state,
+                               exclude=Exclusion.parse(exclude))
 
         def candidates() -> List[int]:
             with self._index_lock:
                 return list(self.index.refresh())
         found = agree_on_step(self.store, self.formats, objs, step, candidates, verify=verify,
-                              map_location=map_location, in_place=in_place and map_location in (None, "cpu"))
+                              map_location=map_location, in_place=in_place and map_location in (None, "cpu"),
+                              on_world_size_change=policy)
         if found is None:
             if step is None and self.init_from is not None:
                 self.init_from.load(model, objs.exclude)
@@ -327,13 +323,14 @@ class CheckpointManager:
         chosen, fmt, loaded = found
         if self.init_from is not None:
             self.init_from.skipped(chosen, self.directory)
-        values: Dict[str, Any] = {}
+        applied: List[Applied] = []
         step_store = self.store.sub(step_name(chosen))
         agree(f"restoring step {chosen} from {self.directory} (apply)",
-              lambda: values.update(fmt.apply(loaded, step_store, objs, strict)))
+              lambda: applied.append(fmt.apply(loaded, step_store, objs, strict)))
         self._restored_step = chosen
-        return RestoredCheckpoint(step=chosen, extra=values, meta=plain(loaded.get("meta") or {}),
-                                  metrics=dict(loaded.manifest.metrics), path=self._step_uri(chosen))
+        return RestoredCheckpoint(step=chosen, extra=applied[0].extra, meta=plain(loaded.get("meta") or {}),
+                                  metrics=dict(loaded.manifest.metrics), path=self._step_uri(chosen),
+                                  rank_state=applied[0].rank_state)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -377,24 +374,3 @@ class CheckpointManager:
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.directory!r}, policy={self.policy})"
-
-
-def resume_from_latest(directory: Any, *, model: nn.Module, optimizer: Any = None, scheduler: Any = None,
-                       scaler: Any = None, init_from: Any = None, **kwargs: Any) -> int:
-    """Restore the latest good checkpoint of ``directory`` and return the step to continue from.
-
-    Args:
-        directory: A manager directory (local path or URL).
-        model, optimizer, scheduler, scaler: Objects to restore.
-        init_from: Warm start source for a fresh run (see :class:`CheckpointManager`).
-        **kwargs: ``extra``, ``strict``, ``verify``, ``map_location``, ``exclude`` (see
-            :meth:`CheckpointManager.restore`), ``storage_options`` and ``init_revise_keys``.
-
-    Returns:
-        Restored step + 1, or 0 when nothing is committed yet (after a warm start from ``init_from``).
-    """
-    rules = kwargs.pop("init_revise_keys", DEFAULT_REVISE_KEYS)
-    with CheckpointManager(directory, max_to_keep=None, storage_options=kwargs.pop("storage_options", None),
-                           init_from=init_from, init_revise_keys=rules) as manager:
-        restored = manager.restore(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, **kwargs)
-    return 0 if restored is None else restored.step + 1

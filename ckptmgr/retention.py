@@ -8,13 +8,17 @@ this run restored from while it is the newest).
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Iterable, List, Optional, Sequence, Set, Tuple
 
+from .faults import fault_point
 from .step.index import CheckpointInfo
 
-__all__ = ["CheckpointInfo", "Policy", "KeepLast", "KeepEvery", "KeepBest", "KeepAll", "AnyOf",
+logger = logging.getLogger(__name__)
+
+__all__ = ["CheckpointInfo", "Policy", "uncommit_dropped", "KeepLast", "KeepEvery", "KeepBest", "KeepAll", "AnyOf",
            "build_policy", "steps_to_delete", "best_of"]
 
 
@@ -146,3 +150,36 @@ def steps_to_delete(checkpoints: Sequence[CheckpointInfo], policy: Policy,
     """Steps the policy drops, oldest first; ``protected`` steps are never dropped."""
     keep = policy.keep(checkpoints) | set(protected)
     return sorted(c.step for c in checkpoints if c.step not in keep)
+
+
+def uncommit_dropped(index: Any, lock: Any, policy: Policy, saved: int, restored: Optional[int],
+                     protocol: Any) -> List[Any]:
+    """Uncommit every step of ``index`` the policy drops; return what frees their space.
+
+    The step just saved is never dropped, nor the step this run restored from
+    while it is the newest. Failures are logged, not raised: the new
+    checkpoint is committed, and the next save tries the deletes again.
+
+    Args:
+        index: The directory's :class:`~ckptmgr.step.index.StepIndex` (read and updated under ``lock``).
+        lock: The lock guarding ``index``.
+        policy: The retention policy.
+        saved: The step just committed.
+        restored: The step this run restored from, if any.
+        protocol: The directory's :class:`~ckptmgr.step.commit.CommitProtocol`.
+    """
+    with lock:
+        known = index.known()
+    keep = {saved} | ({restored} if restored is not None and known and restored == max(known) else set())
+    reclaims = []
+    for step in steps_to_delete(list(known.values()), policy, keep):
+        try:
+            reclaims.append(protocol.uncommit(step))
+        except Exception as exc:  # the new checkpoint is committed; deleting can wait
+            logger.warning("retention could not delete step %d: %s", step, exc)
+            continue
+        with lock:
+            index.discard(step)
+        logger.info("retention deleted checkpoint step %d", step)
+        fault_point("retention.between_deletes")
+    return reclaims

@@ -20,6 +20,7 @@ from torch import nn
 
 from .checkpoint import extract_state_dict
 from .distributed import agree, is_rank_zero
+from .errors import CheckpointFormatError
 from .io.store import Options
 from .loaders.registry import CheckpointLoader
 from .state.keys import revise_keys
@@ -62,7 +63,7 @@ class WarmStart:
             raise TypeError(f"init_from must be a path or URI, got {type(source).__name__}")
         return cls(os.fspath(source), tuple(tuple(r) for r in rules or ()), storage_options)  # type: ignore[misc]
 
-    def load(self, model: nn.Module, exclusion: Exclusion = NOTHING) -> LoadReport:
+    def load(self, model: Any, exclusion: Exclusion = NOTHING) -> LoadReport:
         """Load the source's model weights into ``model`` (every rank calls it; an error on one raises on all).
 
         Keys that do not match are loaded as far as they go and listed in the log
@@ -77,6 +78,10 @@ class WarmStart:
                 source cannot be loaded (on every rank).
         """
         what = f"warm start from {self.source}"
+        if not isinstance(model, nn.Module):
+            raise CheckpointFormatError("init_from warm-starts one model, but model is a dict of models",
+                                        "pass model=<the module init_from is for>, or load each model's weights "
+                                        "with ckptmgr.load_checkpoint before training")
         reports = []
         if exclusion.drops("model"):
             logger.info("%s skipped: exclude names the model", what)

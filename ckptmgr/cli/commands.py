@@ -29,16 +29,20 @@ def _need_dir(uri: str) -> str:
 def cmd_ls(args: argparse.Namespace) -> int:
     """List the checkpoints of a manager directory."""
     from ..inventory import is_step_dir, kept_by, scan_directory
+    from ..step.load import model_names
     directory = _need_dir(args.path)
     entries = scan_directory(directory)
     committed = [e for e in entries if e.manifest is not None]
     incomplete = [e for e in entries if e.manifest is None]
     rules = any(v is not None for v in (args.keep, args.keep_every)) or bool(args.keep_best)
     kept = kept_by(committed, policy_from_args(args)) if rules else None
+    names = {e.step: model_names(e.manifest) for e in committed if e.manifest is not None}
+    several = any(len(n) > 1 or n != ["model"] for n in names.values())
     if args.json:
         render.print_json({"directory": directory, "checkpoints": [
             {"step": e.step, "name": e.name, "time": e.manifest.time, "size": e.size, "metrics": e.manifest.metrics,
-             "world_size": e.manifest.world_size, **({"kept_by": kept[e.step]} if kept is not None else {})}
+             "world_size": e.manifest.world_size, "models": names[e.step],
+             **({"kept_by": kept[e.step]} if kept is not None else {})}
             for e in committed if e.manifest is not None],
             "incomplete": [{"name": e.name, "step": e.step, "status": e.status, "problem": e.problem or None}
                            for e in incomplete]})
@@ -49,9 +53,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
     latest = f" (latest: step {committed[-1].step})" if committed else ""
     print(f"{directory}: {len(committed)} committed checkpoint{'s' * (len(committed) != 1)}{latest}")
     if committed:
-        rows = [["STEP", "COMMITTED (UTC)", "SIZE", "METRICS"] + (["KEPT BY"] if kept is not None else [])]
+        rows = [["STEP", "COMMITTED (UTC)", "SIZE", "METRICS"] + (["MODELS"] if several else [])
+                + (["KEPT BY"] if kept is not None else [])]
         for e, manifest in ((e, e.manifest) for e in committed if e.manifest is not None):
             row = [str(e.step), render.when(manifest.time), render.size(e.size), render.metrics(manifest.metrics)]
+            if several:
+                row.append(", ".join(names[e.step]))
             if kept is not None:
                 row.append(", ".join(kept[e.step]) or "(prune would delete it)")
             rows.append(row)
@@ -88,12 +95,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"extra: {', '.join(info['extra_keys'])}")
     if info.get("other_keys"):
         print(f"other top-level keys: {', '.join(info['other_keys'])}")
-    table = info["state_dict"]
-    if table is None:
+    if info.get("models"):
+        print(f"models: {', '.join(info['models'])}")
+        for name, table in info["models"].items():
+            _print_tensors(f"model {name!r}", table)
+        return 0
+    if info["state_dict"] is None:
         print("no model state dict found")
         return 0
+    _print_tensors("state_dict", info["state_dict"])
+    return 0
+
+
+def _print_tensors(title: str, table: dict) -> None:
     dtypes = ", ".join(f"{n} {d}" for d, n in table["dtypes"].items())
-    print(f"state_dict: {table['tensors']} tensors ({dtypes}), {table['elements']:,} elements, "
+    print(f"{title}: {table['tensors']} tensors ({dtypes}), {table['elements']:,} elements, "
           f"{render.size(table['bytes'])}")
     width = max([len(k["key"]) for k in table["keys"]] + [3])
     for k in table["keys"]:
@@ -102,7 +118,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  ... {table['tensors'] - len(table['keys'])} more (--all shows every key)")
     if table["other_entries"]:
         print(f"  non-tensor entries: {', '.join(table['other_entries'])}")
-    return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -115,7 +115,7 @@ def load_from_ckptmgr(filename: str, map_location: MapLocation = None) -> Dict[s
     extra = (loaded.get("extra") or {}).get("mmengine") or {}
     checkpoint = decode(extra.get("value") or {})
     weights: Any
-    weights, module_meta = loaded.model if loaded.model is not None else ({}, {})
+    weights, module_meta = loaded.model.states["model"] if loaded.model is not None else ({}, {})
     if module_meta:
         weights._metadata = module_meta
     checkpoint["state_dict"] = weights

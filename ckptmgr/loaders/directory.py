@@ -9,7 +9,7 @@ directory from a manager directory.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from ..format.maplocation import MapLocation
 from ..io.access import open_store
@@ -23,7 +23,8 @@ __all__ = ["load_manager_checkpoint"]
 
 
 def load_manager_checkpoint(uri: str, map_location: MapLocation = None,
-                            storage_options: Options = None) -> Dict[str, Any]:
+                            storage_options: Options = None, model_name: Optional[str] = None,
+                            every_model: bool = False) -> Dict[str, Any]:
     """Load the model weights of a manager checkpoint (what ``load_checkpoint`` calls for directories).
 
     Args:
@@ -31,19 +32,29 @@ def load_manager_checkpoint(uri: str, map_location: MapLocation = None,
             (its newest good checkpoint).
         map_location: As for ``torch.load``.
         storage_options: fsspec options for URLs.
+        model_name: Which model of a step saved with a dict of models (may be
+            omitted when the step holds one model).
+        every_model: Also return ``state_dicts``: every model's weights by name
+            (``state_dict`` is then None when the step holds several).
 
     Returns:
-        ``{'state_dict', 'meta', 'step', 'metrics'}``, after checking the
-        weights and meta files against the manifest (sizes and checksums).
+        ``{'state_dict', 'meta', 'step', 'metrics', 'models'}`` (and ``model_name``
+        when given), after checking the weights and meta files against the
+        manifest (sizes and checksums); ``models`` lists the step's model names.
 
     Raises:
         CheckpointNotFoundError: no committed checkpoint there.
         CorruptCheckpointError: the step (or, for a manager directory, every step) is damaged.
+        CheckpointFormatError: ``model_name`` names no saved model, or is None and the step holds several.
     """
     uri = str(uri)
     trimmed = uri.rstrip("/") or uri
     store = open_store(trimmed, storage_options)
     step = parse_step_name(trimmed.rsplit("/", 1)[-1])
     if step is not None:
-        return load_weights(store, step, map_location)
-    return load_latest_weights(store, map_location)
+        loaded = load_weights(store, step, map_location, model_name, every_model)
+    else:
+        loaded = load_latest_weights(store, map_location, model_name, every_model)
+    if model_name is not None:
+        loaded["model_name"] = model_name  # tells load_checkpoint the choice is made
+    return loaded

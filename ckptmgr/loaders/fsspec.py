@@ -5,7 +5,7 @@ Credentials come from ``storage_options`` and, for S3, from the standard
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from ..format.maplocation import MapLocation
 from ..io.access import isdir
@@ -16,14 +16,17 @@ __all__ = ["load_from_fsspec"]
 
 
 def load_from_fsspec(filename: str, map_location: MapLocation = None, trust_pickle: bool = False,
-                     storage_options: Options = None) -> Any:
+                     storage_options: Options = None, model_name: Optional[str] = None) -> Any:
     """Load a checkpoint file or manager directory from an fsspec URL.
+
+    ``model_name`` picks one model of a manager step saved with a dict of models.
 
     Raises:
         MissingDependencyError: the protocol's backend (e.g. gcsfs) is not installed.
         CheckpointNotFoundError: nothing exists at the URL.
     """
     if isdir(filename, storage_options):
-        return load_directory(filename, map_location=map_location, storage_options=storage_options)
+        return load_directory(filename, map_location=map_location, storage_options=storage_options,
+                              model_name=model_name)
     return load_file(filename, map_location=map_location, trust_pickle=trust_pickle,
                      storage_options=storage_options)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 from ..errors import CheckpointNotFoundError
 from ..format.checkpoint_file import load_checkpoint_file
@@ -25,10 +25,12 @@ def load_file(uri: str, map_location: MapLocation = None, trust_pickle: bool = F
         return load_checkpoint_file(fh, name=uri, size=size, map_location=map_location, trust_pickle=trust_pickle)
 
 
-def load_directory(uri: str, map_location: MapLocation = None, storage_options: Options = None) -> Any:
+def load_directory(uri: str, map_location: MapLocation = None, storage_options: Options = None,
+                   model_name: Optional[str] = None) -> Any:
     """Load the model weights of a CheckpointManager directory (or one of its step directories).
 
-    A directory of safetensors shards with ``model.safetensors.index.json`` (the
+    ``model_name`` picks one model of a step saved with a dict of models. A
+    directory of safetensors shards with ``model.safetensors.index.json`` (the
     Hugging Face layout ``ckptmgr convert`` writes) loads as one state dict.
     """
     from .hf import is_hf_directory, load_hf_directory
@@ -36,23 +38,27 @@ def load_directory(uri: str, map_location: MapLocation = None, storage_options: 
     if is_hf_directory(store):
         return load_hf_directory(store, map_location)
     from .directory import load_manager_checkpoint  # only directories need the step layer
-    return load_manager_checkpoint(uri, map_location=map_location, storage_options=storage_options)
+    return load_manager_checkpoint(uri, map_location=map_location, storage_options=storage_options,
+                                   model_name=model_name)
 
 
-def load_from_local(filename: str, map_location: MapLocation = None, trust_pickle: bool = False) -> Any:
+def load_from_local(filename: str, map_location: MapLocation = None, trust_pickle: bool = False,
+                    model_name: Optional[str] = None) -> Any:
     """Load a local file or manager directory.
 
     Args:
         filename: A path, ``~`` expanded, or a ``file://`` URL.
         map_location: As for ``torch.load``.
         trust_pickle: Allow arbitrary pickle (only for files from a trusted source).
+        model_name: Which model of a manager step saved with a dict of models
+            (files ignore it; ``load_checkpoint`` selects from them).
 
     Raises:
         CheckpointNotFoundError: the path does not exist.
     """
     path = local_path(str(filename))
     if os.path.isdir(path):
-        return load_directory(path, map_location=map_location)
+        return load_directory(path, map_location=map_location, model_name=model_name)
     if not os.path.exists(path):
         raise CheckpointNotFoundError(f"checkpoint not found: {path}")
     return load_file(path, map_location=map_location, trust_pickle=trust_pickle)

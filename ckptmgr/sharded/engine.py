@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from ..errors import CheckpointFormatError, CorruptCheckpointError, KeyMismatchE
 from ..format.checksum import FileEntry
 from ..format.manifest import Manifest, verify_file
 from ..io.store import Store
+from ..state.models import as_models, dcp_module
 from ..state.objects import as_named
 from .layout import METADATA_NAME, check_metadata_bytes, is_data_file
 
@@ -37,10 +38,12 @@ __all__ = ["ShardedState", "collect", "Stager", "save_shards", "check_files", "m
 
 @dataclass
 class ShardedState:
-    """A sharded save's DCP state: ``{'model': ..., 'optimizer': {name: ...}}`` and how optimizers were passed."""
+    """A sharded save's DCP state: ``{'model': ..., 'optimizer': {name: ...}}`` and how models and optimizers
+    were passed."""
 
     dcp: Dict[str, Any]
     optimizer: Optional[Dict[str, Any]]  # {'single': bool, 'names': [...]}, or None without optimizers
+    models: Optional[List[str]] = None  # the names of a dict of models (None: one model)
 
 
 def _dcp() -> Any:
@@ -60,11 +63,17 @@ def dcp_state(model: nn.Module, optimizer: Any, options: Any = None) -> Dict[str
     return out
 
 
-def collect(model: nn.Module, optimizer: Any) -> ShardedState:
-    """This rank's shards of the model and optimizer state (every rank calls it)."""
+def collect(model: Any, optimizer: Any) -> ShardedState:
+    """This rank's shards of the model(s) and optimizer state (every rank calls it: FSDP1's is a collective).
+
+    ``model`` is one module or a dict name -> module (saved as one
+    ``nn.ModuleDict``, so its keys start with the model's name).
+    """
     named = as_named(optimizer, "optimizer")
-    return ShardedState(dcp_state(model, optimizer),
-                        None if named is None else {"single": named[0], "names": sorted(named[1])})
+    single, models = as_models(model)
+    return ShardedState(dcp_state(dcp_module(model), optimizer),
+                        None if named is None else {"single": named[0], "names": sorted(named[1])},
+                        None if single else sorted(models))
 
 
 class Stager:
@@ -87,7 +96,7 @@ class Stager:
         if self._stager is None or (cached and not _same_layout(self._layout, state.dcp)):
             self._stager = BlockingAsyncStager(cache_staged_state_dict=cached)
             self._layout = state.dcp
-        return ShardedState(self._stager.stage(state.dcp), state.optimizer)
+        return ShardedState(self._stager.stage(state.dcp), state.optimizer, state.models)
 
     def release(self) -> None:
         """Drop the cached copy."""
@@ -205,9 +214,25 @@ def _check_optimizers(saved: Optional[Mapping[str, Any]], named: Any, strict: bo
     return True
 
 
-def load_into(store: Store, manifest: Manifest, model: nn.Module, optimizer: Any, strict: bool,
+def _check_models(saved: Any, model: Any) -> None:
+    """Raise when the live model(s) are not passed as they were saved (one module, or a dict with these names)."""
+    single, models = as_models(model)
+    if saved is None and single:
+        return
+    if saved is None or single:
+        have = "one module" if saved is None else f"a dict of models {saved}"
+        raise CheckpointFormatError(f"the model was saved as {have} but is restored into "
+                                    f"{'one module' if single else 'a dict'}",
+                                    "pass model the same way it was passed to save()")
+    missing = sorted(set(models) - set(saved))
+    if missing:
+        raise CheckpointFormatError(f"the checkpoint has no model named {missing}; it has {sorted(saved)}",
+                                    "use the names passed to save() for model")
+
+
+def load_into(store: Store, manifest: Manifest, model: Any, optimizer: Any, strict: bool,
               group: Any = None) -> None:
-    """Load a sharded step's model and optimizer into live objects (a collective: every rank calls it).
+    """Load a sharded step's model(s) and optimizer into live objects (a collective: every rank calls it).
 
     They are loaded with ``dcp.load`` into their current sharding (any number
     of ranks, or one process with a plain model), then set with ``set_state_dict``.
@@ -215,9 +240,11 @@ def load_into(store: Store, manifest: Manifest, model: nn.Module, optimizer: Any
     Raises:
         ChecksumError: DCP's metadata differs from the manifest (nothing was unpickled).
         KeyMismatchError: ``strict`` and model or optimizer keys differ.
-        CheckpointFormatError: optimizers passed differently from the save.
+        CheckpointFormatError: models or optimizers passed differently from the save.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    _check_models(manifest.components["sharded"].get("models"), model)
+    model = dcp_module(model)
     named = as_named(optimizer, "optimizer")
     with_optim = _check_optimizers(manifest.components["sharded"].get("optimizer"), named, strict)
     options = StateDictOptions(strict=strict)

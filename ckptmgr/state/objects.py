@@ -16,7 +16,7 @@ import sys
 import time
 from collections import OrderedDict
 from datetime import datetime, timezone
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -107,8 +107,13 @@ def _prune(node: Any, path: str) -> Any:
     return node
 
 
-def apply_named(arg: Any, saved: Optional[Mapping[str, Any]], what: str, strict: bool) -> None:
-    """Load saved states into one object or a dict of them, per name.
+def _load(obj: Any, state: Any) -> None:
+    obj.load_state_dict(state)
+
+
+def apply_named(arg: Any, saved: Optional[Mapping[str, Any]], what: str, strict: bool,
+                load: Callable[[Any, Any], None] = _load) -> None:
+    """Load saved states into one object or a dict of them, per name (``load(obj, state)`` does each).
 
     Raises:
         CheckpointFormatError: nothing was saved for ``what`` (with ``strict``), a
@@ -135,7 +140,7 @@ def apply_named(arg: Any, saved: Optional[Mapping[str, Any]], what: str, strict:
         raise CheckpointFormatError(f"the checkpoint has no {what} state for {missing}; it has {sorted(states)}",
                                     f"use the names passed to save() for {what}")
     for name, obj in objs.items():
-        obj.load_state_dict(states[name])
+        load(obj, states[name])
 
 
 # --------------------------------------------------------------------------- model

@@ -61,8 +61,15 @@ def trainable_state(model: nn.Module) -> Tuple["OrderedDict[str, Any]", Dict[str
     return state, meta, frozen
 
 
-def frozen_record(components: Mapping[str, Any]) -> Optional[Shapes]:
+def frozen_record(components: Mapping[str, Any], model: Optional[str] = None) -> Optional[Shapes]:
     """The parameters a step's save left out, from its manifest's components (None: it holds every parameter).
+
+    A single model's record is ``{"params": {key: shape}}``; a dict of models
+    records each by name, ``{"models": {name: {key: shape}}}``.
+
+    Args:
+        components: The manifest's components.
+        model: The model's name in a dict of models (None for a single model).
 
     Raises:
         CorruptCheckpointError: the record is malformed.
@@ -70,7 +77,15 @@ def frozen_record(components: Mapping[str, Any]) -> Optional[Shapes]:
     record = components.get(FROZEN)
     if record is None:
         return None
-    params = record.get("params") if isinstance(record, Mapping) else None
+    if not isinstance(record, Mapping):
+        raise CorruptCheckpointError(f"the manifest's record of frozen parameters is malformed: {record!r}")
+    if model is not None and "models" in record:
+        by_model = record["models"]
+        params = by_model.get(model) if isinstance(by_model, Mapping) else None
+        if params is None and isinstance(by_model, Mapping):
+            return None  # that model was saved whole
+    else:
+        params = record.get("params")
     if not isinstance(params, Mapping) or not all(
             isinstance(k, str) and isinstance(s, list) and all(isinstance(d, int) for d in s)
             for k, s in params.items()):

@@ -81,8 +81,8 @@ def write_component(store: Store, base: str, obj: Any, prefix: str = "") -> Tupl
 
 
 def write_model(store: Store, state: Mapping[str, Any], module_meta: Mapping[str, Any],
-                prefix: str = "") -> Tuple[str, FileEntry]:
-    """Write model weights as a plain safetensors file keyed like the bare model's state dict.
+                prefix: str = "", base: str = "model") -> Tuple[str, FileEntry]:
+    """Write model weights as ``<prefix><base>.safetensors``, keyed like the bare model's state dict.
 
     Any tool that reads safetensors can use the file. Non-tensor entries
     (``get_extra_state``) are kept through a JSON skeleton in the header.
@@ -93,7 +93,7 @@ def write_model(store: Store, state: Mapping[str, Any], module_meta: Mapping[str
     else:
         skeleton, tensors = to_skeleton(dict(state), path="model")
         metadata[SKELETON_KEY] = json.dumps(skeleton, allow_nan=False)
-    name = f"{prefix}model.safetensors"
+    name = f"{prefix}{base}.safetensors"
     return name, _write(store, name, lambda w: write_safetensors(w, tensors, metadata))
 
 
@@ -161,16 +161,17 @@ def read_component(store: Store, manifest: Manifest, name: str, verify: bool = T
 
 
 def read_model(store: Store, manifest: Manifest, verify: bool = True, map_location: MapLocation = None,
-               into: Tensors = None) -> Tuple["OrderedDict[str, Any]", Dict[str, Any]]:
+               into: Tensors = None, name: Optional[str] = None) -> Tuple["OrderedDict[str, Any]", Dict[str, Any]]:
     """Read the model weights and module metadata of a step.
 
     ``into`` maps weight names to existing CPU tensors (the live parameters) to
     fill in place when shape and dtype match, so no second copy is allocated.
+    ``name`` is the weights file (default: the manifest's ``model`` file).
 
     Raises:
         CorruptCheckpointError: no model in the manifest, or the file is damaged.
     """
-    name = manifest.file_for("model")
+    name = name or manifest.file_for("model")
     if name is None or not name.endswith(".safetensors"):
         raise CorruptCheckpointError(f"{store.root}: the manifest names no model weights file")
 

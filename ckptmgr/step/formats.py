@@ -18,19 +18,21 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from ..errors import CheckpointFormatError
+from ..distributed import agree
+from ..errors import CheckpointFormatError, CorruptCheckpointError
 from ..format.manifest import Manifest, verify_file
 from ..format.maplocation import MapLocation
 from ..format.skeleton import to_skeleton
 from ..io.store import Store
 from ..sharded import detect
 from ..sharded.layout import FORMAT as SHARDED_FORMAT
-from ..state import objects
-from ..state.modules import get_state_dict
-from ..state.partial import FROZEN, apply_model_state, frozen_record, trainable_state
+from ..state import engines, objects
+from ..state.models import modules_of
+from ..state.partial import FROZEN
 from ..state.staging import StagingBuffers
-from .files import read_component, read_model, run_concurrently, write_component, write_model
-from .records import COMPONENTS, LoadedStep, RankFiles, Snapshot, TrainingObjects
+from . import models, rankstate
+from .files import read_component, read_model, run_concurrently, write_component
+from .records import COMPONENTS, Applied, LoadedStep, ModelStates, RankFiles, Snapshot, TrainingObjects
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +56,26 @@ class StepFormat:
     # ------------------------------------------------------------------ save
 
     def collect(self, step: int, objs: TrainingObjects, metrics: Any, meta: Any, rank: int, world: int) -> Snapshot:
-        """This rank's share of the step (live tensors): RNG everywhere, the replicated state on rank 0."""
-        snapshot = Snapshot(step=step, rng=objects.rng_state(distributed=world > 1))
+        """This rank's share of the step (live tensors).
+
+        Three parts: what is local to this rank (RNG and ``rank_state``); the
+        engines' collective steps, which every rank runs (ZeRO consolidation,
+        DCP over FSDP); the replicated state, on rank 0. When there is a
+        collective step, the ranks first agree that every one collected its
+        local part, so a rank that failed never leaves the others waiting
+        inside an engine's collective.
+        """
+        def local() -> Snapshot:
+            self.check(objs)
+            return Snapshot(step=step, rng=objects.rng_state(distributed=world > 1),
+                            rank_state=rankstate.collect(objs.rank_state))
+        if world > 1 and self.collective(objs):
+            got = []
+            agree(f"collecting step {step}", lambda: got.append(local()))
+            snapshot = got[0]
+        else:
+            snapshot = local()
+        self.collect_engines(snapshot, objs)
         if rank == 0:
             snapshot.metrics = objects.clean_metrics(metrics)
             snapshot.components = {
@@ -66,34 +86,60 @@ class StepFormat:
                 "meta": objects.build_meta(meta, step, world)}
         return snapshot
 
+    def check(self, objs: TrainingObjects) -> None:
+        """Refuse objects this format cannot save (before any collective)."""
+
+    def collective(self, objs: TrainingObjects) -> bool:
+        """Whether collecting needs every rank (a ZeRO optimizer must be consolidated)."""
+        named = objects.as_named(objs.optimizer, "optimizer")
+        return named is not None and bool(engines.zero_optimizers(named[1]))
+
+    def collect_engines(self, snapshot: Snapshot, objs: TrainingObjects) -> None:
+        """Every rank: the engines' collective steps (ZeRO optimizers consolidated on rank 0)."""
+        named = objects.as_named(objs.optimizer, "optimizer")
+        if named is not None:
+            engines.consolidate(named[1])
+
     owns_optimizer = False  # True when the engine writes optimizer state itself
 
     def stage(self, snapshot: Snapshot, buffers: StagingBuffers) -> Snapshot:
         """A copy of ``snapshot`` in reusable CPU buffers, so training may change the originals now."""
-        staged = buffers.stage_tree({"rng": snapshot.rng, "model": snapshot.model, "components": snapshot.components})
-        return Snapshot(snapshot.step, staged["rng"], staged["model"], staged["components"], dict(snapshot.metrics),
-                        snapshot.sharded, snapshot.frozen)
+        models = snapshot.model
+        staged = buffers.stage_tree({"rng": snapshot.rng, "components": snapshot.components,
+                                     "rank_state": snapshot.rank_state,
+                                     "models": None if models is None else models.states})
+        return Snapshot(step=snapshot.step, rng=staged["rng"], components=staged["components"],
+                        model=None if models is None else ModelStates(models.single, staged["models"]),
+                        metrics=dict(snapshot.metrics), sharded=snapshot.sharded, rank_state=staged["rank_state"],
+                        frozen=snapshot.frozen)
 
     def write(self, store: Store, prefix: str, snapshot: Snapshot, rank: int, group: Any = None) -> RankFiles:
         """Write this rank's files into ``store`` (names start with ``prefix``); report them for the manifest."""
         jobs: Dict[str, Callable[[], Any]] = {}
         if rank == 0:
             if snapshot.model is not None:
-                jobs["model"] = functools.partial(write_model, store, *snapshot.model, prefix=prefix)
+                jobs.update(models.write_jobs(store, prefix, snapshot.model))
             for comp in COMPONENTS:
                 if snapshot.components.get(comp) is not None:
                     jobs[comp] = functools.partial(write_component, store, comp, snapshot.components[comp],
                                                    prefix=prefix)
         jobs["rng"] = functools.partial(write_component, store, f"rng-rank{rank:05d}", snapshot.rng, prefix=prefix)
+        if snapshot.rank_state is not None:
+            jobs["rank_state"] = functools.partial(write_component, store, rankstate.base_name(rank),
+                                                   snapshot.rank_state, prefix=prefix)
         done = run_concurrently(jobs, "ckptmgr-write")
-        rng_name, rng_entry = done.pop("rng")
         files = dict(done.values())
-        files[rng_name] = rng_entry
+        rng_name = done.pop("rng")[0]
+        rank_state = done.pop("rank_state", (None, None))[0]
+        written = {job[len(models.JOB_PREFIX):]: done.pop(job)[0] for job in list(done)
+                   if job.startswith(models.JOB_PREFIX)}
+        components: Dict[str, Any] = {comp: name for comp, (name, _) in done.items()}
+        if snapshot.model is not None:
+            components.update(models.manifest_entries(snapshot.model, written))
         store.sync_dir()
-        components = {comp: name for comp, (name, _) in done.items()}
-        if rank == 0 and snapshot.frozen:  # save_frozen=False: the manifest records what was left out
-            components[FROZEN] = {"params": snapshot.frozen}
-        return RankFiles(files, components, rng_name)
+        if rank == 0 and snapshot.frozen and snapshot.model is not None:  # the manifest records what was left out
+            components[FROZEN] = models.frozen_component(snapshot.model, snapshot.frozen)
+        return RankFiles(files, components, rng_name, rank_state)
 
     # ------------------------------------------------------------------ restore
 
@@ -108,14 +154,17 @@ class StepFormat:
         into = into or {}
         jobs: Dict[str, Callable[[], Any]] = {}
         if self.reads_model:
-            jobs["model"] = functools.partial(read_model, store, manifest, verify, map_location, into.get("model"))
+            jobs.update(models.read_jobs(store, manifest, verify, map_location, into))
+            if not jobs:
+                raise CorruptCheckpointError(f"{store.root}: the manifest names no model weights file")
         for comp in COMPONENTS:
             name = manifest.file_for(comp)
             if name is not None:
                 jobs[comp] = functools.partial(read_component, store, manifest, name, verify, map_location,
                                                into.get(comp))
         done = run_concurrently(jobs, "ckptmgr-read")  # the files are independent: read and hash them at once
-        loaded = LoadedStep(manifest, store.root, model=done.pop("model", None), components=done)
+        model = models.gather(manifest, done) if self.reads_model else None
+        loaded = LoadedStep(manifest, store.root, model=model, components=done)
         name = manifest.rng_file(rank)
         loaded.rng = None if name is None else read_component(store, manifest, name, verify)
         if check_all and verify:
@@ -135,36 +184,36 @@ class StepFormat:
         returned as detached aliases; a restore fills them in place, so loading
         needs no second copy of the state in memory. Tensors on other devices are left out.
         """
-        def on_cpu(tensors: Any) -> Dict[str, torch.Tensor]:
-            return {k: v.detach() for k, v in tensors.items()
-                    if isinstance(v, torch.Tensor) and v.device.type == "cpu"}
         skip = objs.exclude  # excluded tensors are never read into
-        targets = {} if skip.drops("model") else {
-            "model": {k: v for k, v in on_cpu(get_state_dict(objs.model)).items() if not skip.drops_key(k)}}
-        optim = None if skip.drops("optimizer") else objects.named_state(objs.optimizer, "optimizer")
-        if optim is not None:
-            targets["optimizer"] = on_cpu(to_skeleton(optim, path="optimizer")[1])
+        targets = models.inplace_targets(objs.model, skip)
+        named = None if skip.drops("optimizer") else objects.as_named(objs.optimizer, "optimizer")
+        if named is not None and not engines.zero_optimizers(named[1]):  # ZeRO's state_dict() is a collective
+            optim = objects.named_state(objs.optimizer, "optimizer")
+            targets["optimizer"] = {k: v.detach() for k, v in to_skeleton(optim, path="optimizer")[1].items()
+                                    if isinstance(v, torch.Tensor) and v.device.type == "cpu"}
         return targets
 
     def apply(self, loaded: LoadedStep, store: Store, objs: TrainingObjects, strict: bool,
-              group: Any = None) -> Dict[str, Any]:
-        """Put what :meth:`read` returned into the live objects, RNG last; returns the restored extra values.
+              group: Any = None) -> Applied:
+        """Put what :meth:`read` returned into the live objects, RNG last; returns the restored values.
 
         Raises:
             KeyMismatchError: ``strict`` and the model does not match.
             CheckpointFormatError: an object passed has no saved state (``strict``) or other names.
         """
-        skip, frozen, what = objs.exclude, frozen_record(loaded.manifest.components), f"step {loaded.manifest.step}"
+        skip, what = objs.exclude, f"step {loaded.manifest.step}"
         skip.log_components(what)
         if loaded.model is not None and not skip.drops("model"):
-            if skip or frozen:  # part of the model: frozen keys left out by the save, or keys excluded
-                apply_model_state(objs.model, *loaded.model, strict, frozen=frozen, exclusion=skip, what=what)
-            else:
-                objects.apply_model(objs.model, loaded.model[0], loaded.model[1], strict)
-        for comp in ("scheduler", "scaler") if self.owns_optimizer else ("optimizer", "scheduler", "scaler"):
+            models.apply(objs.model, loaded.model, strict, loaded.manifest.components, skip, what)
+        if not self.owns_optimizer and not skip.drops("optimizer"):
+            objects.apply_named(objs.optimizer, loaded.get("optimizer"), "optimizer", strict,
+                                load=engines.load_optimizer)
+        for comp in ("scheduler", "scaler"):
             if not skip.drops(comp):
                 objects.apply_named(getattr(objs, comp), loaded.get(comp), comp, strict)
-        values = {} if skip.drops("extra") else objects.apply_extra(objs.extra, loaded.get("extra"))
+        values = Applied(extra={} if skip.drops("extra") else objects.apply_extra(objs.extra, loaded.get("extra")),
+                         rank_state={} if skip.drops("rank_state") else rankstate.apply(
+                             objs.rank_state, loaded.rank_state, loaded.rank_state_skipped, loaded.manifest, strict))
         if loaded.rng is not None:
             if not skip.drops("rng"):
                 objects.apply_rng(loaded.rng)
@@ -173,9 +222,18 @@ class StepFormat:
                            loaded.manifest.step, loaded.manifest.world_size)
         return values
 
-    def load_weights(self, store: Store, manifest: Manifest, map_location: MapLocation) -> Any:
-        """The model state dict of the step (module versions in ``_metadata``), verified."""
-        weights, module_meta = read_model(store, manifest, True, map_location)
+    def load_weights(self, store: Store, manifest: Manifest, map_location: MapLocation,
+                     model_name: Optional[str] = None) -> Any:
+        """The state dict of the step's model, or of ``model_name`` (module versions in ``_metadata``), verified.
+
+        Raises:
+            CheckpointFormatError: ``model_name`` was not saved, or it is None and several models were.
+        """
+        saved = models.saved_models(manifest)
+        if saved is None:
+            raise CorruptCheckpointError(f"{store.root}: the manifest names no model weights file")
+        name = saved[1][models.choose(saved[1], model_name, store.root)]
+        weights, module_meta = read_model(store, manifest, True, map_location, name=name)
         if module_meta:
             weights._metadata = module_meta  # type: ignore[attr-defined]
         return weights
@@ -191,11 +249,8 @@ class PlainFormat(StepFormat):
 
     def collect(self, step: int, objs: TrainingObjects, metrics: Any, meta: Any, rank: int, world: int) -> Snapshot:
         snapshot = super().collect(step, objs, metrics, meta, rank, world)
-        if rank == 0 and self.save_frozen:
-            snapshot.model = objects.model_state(objs.model)
-        elif rank == 0:  # trainable parameters and buffers only; the manifest records the rest
-            state, module_meta, frozen = trainable_state(objs.model)
-            snapshot.model, snapshot.frozen = (state, module_meta), frozen or None
+        if rank == 0:
+            snapshot.model, snapshot.frozen = models.collect(objs.model, self.save_frozen)
         return snapshot
 
 
@@ -210,11 +265,20 @@ class ShardedFormat(StepFormat):
         from ..sharded.engine import Stager
         self._stager = Stager()
 
-    def collect(self, step: int, objs: TrainingObjects, metrics: Any, meta: Any, rank: int, world: int) -> Snapshot:
+    def check(self, objs: TrainingObjects) -> None:
+        named = objects.as_named(objs.optimizer, "optimizer")
+        zero = [] if named is None else engines.zero_optimizers(named[1])
+        if zero:  # DCP would run a zero-lr step on it to "initialise" its state, then fail
+            raise CheckpointFormatError(f"optimizer {zero} is a ZeroRedundancyOptimizer, which a sharded (DCP) "
+                                        "save cannot hold", "save the model sharded=False (DDP with ZeRO needs no "
+                                        "sharded save), or shard the optimizer with FSDP instead of ZeRO")
+
+    def collective(self, objs: TrainingObjects) -> bool:
+        return True  # DCP's state dicts of FSDP1 modules all-gather
+
+    def collect_engines(self, snapshot: Snapshot, objs: TrainingObjects) -> None:
         from ..sharded.engine import collect
-        snapshot = super().collect(step, objs, metrics, meta, rank, world)
         snapshot.sharded = collect(objs.model, objs.optimizer)
-        return snapshot
 
     def stage(self, snapshot: Snapshot, buffers: StagingBuffers) -> Snapshot:
         staged = super().stage(snapshot, buffers)
@@ -236,6 +300,8 @@ class ShardedFormat(StepFormat):
                 "format": SHARDED_FORMAT, "metadata": prefix + METADATA_NAME, "world_size": get_world_size(),
                 "optimizer": snapshot.sharded.optimizer,  # type: ignore[union-attr]
                 "torch_version": torch.__version__}
+            if snapshot.sharded.models is not None:  # type: ignore[union-attr]
+                report.components["sharded"]["models"] = snapshot.sharded.models  # type: ignore[union-attr]
         return report
 
     def read(self, store: Store, manifest: Manifest, rank: int, verify: bool, map_location: MapLocation,
@@ -248,7 +314,7 @@ class ShardedFormat(StepFormat):
         return {}  # DCP loads into the live (sharded) tensors itself
 
     def apply(self, loaded: LoadedStep, store: Store, objs: TrainingObjects, strict: bool,
-              group: Any = None) -> Dict[str, Any]:
+              group: Any = None) -> Applied:
         from ..sharded.engine import load_into
         if objs.exclude.patterns or objs.exclude.drops("model"):
             raise CheckpointFormatError(f"{store.root} is a sharded step: exclude takes only component names "
@@ -257,9 +323,16 @@ class ShardedFormat(StepFormat):
         load_into(store, loaded.manifest, objs.model, optimizer, strict, group)  # every rank: a collective
         return super().apply(loaded, store, objs, strict, group)
 
-    def load_weights(self, store: Store, manifest: Manifest, map_location: MapLocation) -> Any:
+    def load_weights(self, store: Store, manifest: Manifest, map_location: MapLocation,
+                     model_name: Optional[str] = None) -> Any:
         from ..sharded.consolidate import consolidate
-        return consolidate(store)
+        from ..state.keys import select_prefix
+        names = manifest.components["sharded"].get("models")
+        weights = consolidate(store)
+        if not names:
+            models.choose({"model": None}, model_name, store.root)
+            return weights
+        return select_prefix(weights, models.choose(dict.fromkeys(names), model_name, store.root))
 
     def release(self) -> None:
         """Drop the async staging copy."""
@@ -301,12 +374,13 @@ class Formats:
         return self._sharded
 
     def for_save(self, model: Any) -> StepFormat:
-        """Sharded when the setting is True, or ``'auto'`` and the model holds DTensors; plain otherwise.
+        """Sharded when the setting is True, or ``'auto'`` and a model holds DTensors or FSDP; plain otherwise.
 
         Raises:
-            CheckpointFormatError: the save would be sharded and ``save_frozen`` is False.
+            CheckpointFormatError: ``sharded=False`` but a model is wrapped by FSDP, or the save
+                would be sharded and ``save_frozen`` is False.
         """
-        if not detect.use_sharded(self.setting, model):
+        if not detect.use_sharded(self.setting, modules_of(model)):
             return self._plain
         if not self.save_frozen:
             raise CheckpointFormatError("save_frozen=False is for plain saves; this model is saved sharded",

@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
 
-from ..distributed import agree, get_rank
+from ..distributed import agree, get_rank, get_world_size
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from ..format.manifest import Manifest, check_sizes
 from ..format.maplocation import MapLocation
 from ..io.store import Store
 from ..state.objects import plain
+from . import models, rankstate
 from .files import read_component, read_manifest
 from .formats import Formats, StepFormat, format_of
 from .index import StepIndex
@@ -24,7 +25,8 @@ from .records import LoadedStep, TrainingObjects
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["open_step", "read_step", "newest_good", "agree_on_step", "load_weights", "load_latest_weights"]
+__all__ = ["open_step", "read_step", "newest_good", "agree_on_step", "load_weights", "load_latest_weights",
+           "model_names"]
 
 T = TypeVar("T")
 
@@ -49,24 +51,33 @@ def open_step(store: Store, step: int) -> Tuple[Store, Manifest]:
 
 def read_step(store: Store, step: int, rank: int, formats: Formats, objs: Optional[TrainingObjects] = None, *,
               verify: bool = True, map_location: MapLocation = None, in_place: bool = False,
-              check_all: bool = False) -> Tuple[StepFormat, LoadedStep]:
+              check_all: bool = False, on_world_size_change: str = "error") -> Tuple[StepFormat, LoadedStep]:
     """Read (and check) everything ``rank`` needs from a committed step; nothing is applied.
 
     Sizes of every file are compared with one listing first; each file read is
     then hashed in the same pass (``verify``). With ``check_all`` the other
     ranks' files are verified too, so one reader can vouch for the step. With
     ``in_place`` tensors are read straight into ``objs``' live CPU tensors,
-    which then hold the step's bytes even if a later check fails.
+    which then hold the step's bytes even if a later check fails. A step
+    holding rank state of another world size is refused before anything is
+    read, unless ``on_world_size_change`` is ``'skip'`` (see :mod:`.rankstate`).
 
     Raises:
         CheckpointNotFoundError: the step has no manifest.
         ChecksumError, CorruptCheckpointError: something differs from the manifest.
+        WorldSizeChangedError: the step holds rank state of another world size (``'error'``).
     """
     step_store, manifest = open_step(store, step)
     check_sizes(manifest, step_store.list_files(), step_store.root)
+    usable = rankstate.usable(manifest, get_world_size(), on_world_size_change)
     fmt = formats.for_manifest(manifest)
     into = fmt.inplace_targets(objs) if (in_place and objs is not None) else None
-    return fmt, fmt.read(step_store, manifest, rank, verify, map_location, into, check_all)
+    loaded = fmt.read(step_store, manifest, rank, verify, map_location, into, check_all)
+    loaded.rank_state_skipped = not usable
+    if usable or check_all:
+        own = rankstate.read(step_store, manifest, rank, verify, map_location, check_all)
+        loaded.rank_state = own if usable else None
+    return fmt, loaded
 
 
 def newest_good(candidates: Iterable[int], read: Callable[[int], T], where: str) -> Optional[Tuple[int, T]]:
@@ -89,7 +100,7 @@ def newest_good(candidates: Iterable[int], read: Callable[[int], T], where: str)
 
 def agree_on_step(store: Store, formats: Formats, objs: TrainingObjects, step: Optional[int],
                   candidates: Callable[[], List[int]], *, verify: bool, map_location: MapLocation,
-                  in_place: bool) -> Optional[Tuple[int, StepFormat, LoadedStep]]:
+                  in_place: bool, on_world_size_change: str = "error") -> Optional[Tuple[int, StepFormat, LoadedStep]]:
     """Every rank's part of the step to restore (a collective): rank 0 chooses and vouches, then every rank reads.
 
     Rank 0 reads ``step`` (or the newest good one of ``candidates()``) and
@@ -100,14 +111,14 @@ def agree_on_step(store: Store, formats: Formats, objs: TrainingObjects, step: O
         ``(step, its format, what this rank read)``, or None when nothing is committed.
 
     Raises:
-        CheckpointNotFoundError, ChecksumError, CorruptCheckpointError: on every rank.
+        CheckpointNotFoundError, ChecksumError, CorruptCheckpointError, WorldSizeChangedError: on every rank.
     """
     rank = get_rank()
     got: Dict[str, Tuple[StepFormat, LoadedStep]] = {}
 
     def read(candidate: int, everything: bool) -> Tuple[StepFormat, LoadedStep]:
         return read_step(store, candidate, rank, formats, objs, verify=verify, map_location=map_location,
-                         in_place=in_place, check_all=everything)
+                         in_place=in_place, check_all=everything, on_world_size_change=on_world_size_change)
 
     def choose() -> Optional[int]:
         if rank != 0:
@@ -129,12 +140,19 @@ def agree_on_step(store: Store, formats: Formats, objs: TrainingObjects, step: O
     return chosen, fmt, loaded
 
 
-def load_weights(step_store: Store, step: Optional[int] = None, map_location: MapLocation = None) -> Dict[str, Any]:
-    """Weights and meta of one committed step, verified: ``{'state_dict', 'meta', 'step', 'metrics'}``.
+def load_weights(step_store: Store, step: Optional[int] = None, map_location: MapLocation = None,
+                 model_name: Optional[str] = None, every_model: bool = False) -> Dict[str, Any]:
+    """Weights and meta of one committed step, verified: ``{'state_dict', 'meta', 'step', 'metrics', 'models'}``.
+
+    ``models`` lists the names of the step's models (``['model']`` for one
+    module); ``model_name`` picks one of several (with a single one it may be
+    omitted). With ``every_model``, ``state_dicts`` maps every name to its
+    weights and ``state_dict`` is the only model's (None when there are several).
 
     Raises:
         CheckpointNotFoundError: the step has no manifest (never committed).
         ChecksumError, CorruptCheckpointError: the weights or meta differ from the manifest.
+        CheckpointFormatError: ``model_name`` was not saved, or it is None and several models were.
     """
     try:
         manifest = read_manifest(step_store)
@@ -143,13 +161,30 @@ def load_weights(step_store: Store, step: Optional[int] = None, map_location: Ma
                                       "load another step; `ckptmgr ls DIR` lists committed ones") from None
     if step is not None and manifest.step != step:
         raise CorruptCheckpointError(f"{step_store.root}: the manifest records step {manifest.step}")
-    weights = format_of(manifest).load_weights(step_store, manifest, map_location)
+    fmt, names = format_of(manifest), model_names(manifest)
     name = manifest.file_for("meta")
     meta = read_component(step_store, manifest, name, True) if name else {}
-    return {"state_dict": weights, "meta": plain(meta), "step": manifest.step, "metrics": dict(manifest.metrics)}
+    out = {"meta": plain(meta), "step": manifest.step, "metrics": dict(manifest.metrics), "models": names}
+    if every_model:
+        out["state_dicts"] = {n: fmt.load_weights(step_store, manifest, map_location, n) for n in names}
+        out["state_dict"] = out["state_dicts"][names[0]] if len(names) == 1 else None
+    else:
+        out["state_dict"] = fmt.load_weights(step_store, manifest, map_location, model_name)
+    return out
 
 
-def load_latest_weights(store: Store, map_location: MapLocation = None) -> Dict[str, Any]:
+def model_names(manifest: Manifest) -> List[str]:
+    """The names of a committed step's models (``['model']`` when one module was saved)."""
+    saved = manifest.components.get("sharded")
+    names = saved.get("models") if isinstance(saved, dict) else None
+    if names:
+        return sorted(names)
+    table = models.saved_models(manifest)
+    return sorted(table[1]) if table is not None else ["model"]
+
+
+def load_latest_weights(store: Store, map_location: MapLocation = None, model_name: Optional[str] = None,
+                        every_model: bool = False) -> Dict[str, Any]:
     """:func:`load_weights` of the newest good step of a manager directory.
 
     Raises:
@@ -157,7 +192,8 @@ def load_latest_weights(store: Store, map_location: MapLocation = None) -> Dict[
         CorruptCheckpointError: every step is damaged.
     """
     steps = list(StepIndex(store).refresh())
-    found = newest_good(steps, lambda s: load_weights(store.sub(step_name(s)), s, map_location), store.root)
+    found = newest_good(steps, lambda s: load_weights(store.sub(step_name(s)), s, map_location, model_name,
+                                                      every_model), store.root)
     if found is None:
         raise CheckpointNotFoundError(f"{store.root} is a directory with no committed checkpoint",
                                       "pass a checkpoint file, a step_XXXXXXXX directory, or a manager directory")

@@ -8,7 +8,7 @@ as JSON through the save's agreement.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from torch import nn
 
@@ -17,8 +17,8 @@ from ..format.manifest import Manifest
 from ..sharded.engine import ShardedState
 from ..state.partial import NOTHING, Exclusion
 
-__all__ = ["TrainingObjects", "ShardedState", "Snapshot", "RankFiles", "WritePlan", "LoadedStep",
-           "RestoredCheckpoint", "COMPONENTS"]
+__all__ = ["TrainingObjects", "ShardedState", "ModelStates", "Snapshot", "RankFiles", "WritePlan", "LoadedStep",
+           "Applied", "RestoredCheckpoint", "COMPONENTS"]
 
 #: Replicated components written by rank 0, one file each, in this order.
 COMPONENTS = ("optimizer", "scheduler", "scaler", "extra", "meta")
@@ -28,15 +28,32 @@ COMPONENTS = ("optimizer", "scheduler", "scaler", "extra", "meta")
 class TrainingObjects:
     """The live objects a save reads from and a restore writes into (as the user passed them).
 
-    ``exclude`` is what a restore leaves untouched (``restore(exclude=...)``).
+    ``model`` is one module or a dict name -> module; ``rank_state`` is this
+    rank's own state (a dict, or a callable returning one); ``exclude`` is what
+    a restore leaves untouched (``restore(exclude=...)``).
     """
 
-    model: nn.Module
+    model: Union[nn.Module, Mapping[str, nn.Module]]
     optimizer: Any = None
     scheduler: Any = None
     scaler: Any = None
     extra: Optional[Mapping[str, Any]] = None
+    rank_state: Any = None
     exclude: Exclusion = NOTHING
+
+
+@dataclass
+class ModelStates:
+    """The weights of the step's model(s), as collected for a save or read back by a restore.
+
+    Attributes:
+        single: The model was passed as one module (stored as ``model.safetensors``)
+            rather than as a dict name -> module (``model-<name>.safetensors`` each).
+        states: Name (``'model'`` for a single one) -> ``(bare state dict, module metadata)``.
+    """
+
+    single: bool
+    states: Dict[str, Tuple[Mapping[str, Any], Dict[str, Any]]]
 
 
 @dataclass
@@ -46,20 +63,22 @@ class Snapshot:
     Attributes:
         step: The step being saved.
         rng: This rank's RNG streams (every rank writes its own file).
-        model: ``(bare state dict, module metadata)``; rank 0 of a plain save only.
+        model: The model weights; rank 0 of a plain save only.
         components: Trees of :data:`COMPONENTS` (None when not given); rank 0 only.
         metrics: Metrics for the manifest; rank 0 only.
         sharded: Model and optimizer state through DCP (every rank), for a sharded save.
-        frozen: ``{key: shape}`` of the frozen parameters left out of ``model`` (``save_frozen=False``).
+        frozen: Per model, ``{key: shape}`` of the frozen parameters left out (``save_frozen=False``).
+        rank_state: This rank's own state (every rank writes its own file), or None.
     """
 
     step: int
     rng: Dict[str, Any]
-    model: Optional[Tuple[Mapping[str, Any], Dict[str, Any]]] = None
+    model: Optional[ModelStates] = None
     components: Dict[str, Any] = field(default_factory=dict)
     metrics: Dict[str, Any] = field(default_factory=dict)
     sharded: Optional[ShardedState] = None
-    frozen: Optional[Dict[str, List[int]]] = None
+    frozen: Optional[Dict[str, Dict[str, List[int]]]] = None
+    rank_state: Optional[Dict[str, Any]] = None
 
 
 @dataclass
@@ -70,22 +89,25 @@ class RankFiles:
         files: Name (relative to the step directory) -> size and checksum.
         components: Component -> file name (rank 0's report), plus ``'sharded'``'s record.
         rng: This rank's RNG file.
+        rank_state: This rank's rank-state file, or None.
     """
 
     files: Dict[str, FileEntry]
     components: Dict[str, Any]
     rng: str
+    rank_state: Optional[str] = None
 
     def to_json(self) -> Dict[str, Any]:
         """The record as JSON (it travels through the save's all-gather)."""
         return {"files": {n: [e.size, e.sha256] for n, e in self.files.items()}, "components": self.components,
-                "rng": self.rng}
+                "rng": self.rng, "rank_state": self.rank_state}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "RankFiles":
         """Rebuild a record sent by :meth:`to_json`."""
+        rank_state = data.get("rank_state")
         return cls({n: FileEntry(int(size), str(digest)) for n, (size, digest) in data["files"].items()},
-                   dict(data["components"]), str(data["rng"]))
+                   dict(data["components"]), str(data["rng"]), None if rank_state is None else str(rank_state))
 
 
 @dataclass
@@ -124,20 +146,37 @@ class LoadedStep:
     Attributes:
         manifest: The step's manifest.
         uri: The step directory.
-        model: ``(weights, module metadata)`` of a plain step (None for a sharded one).
+        model: The weights of a plain step (None for a sharded one).
         components: Component -> state, None when the step has none.
         rng: This rank's RNG state, None when the step has none for this rank.
+        rank_state: This rank's rank state, None when the step has none for this rank.
+        rank_state_skipped: The world size changed and the caller chose to skip rank state.
     """
 
     manifest: Manifest
     uri: str
-    model: Optional[Tuple[Any, Dict[str, Any]]] = None
+    model: Optional[ModelStates] = None
     components: Dict[str, Any] = field(default_factory=dict)
     rng: Optional[Dict[str, Any]] = None
+    rank_state: Optional[Dict[str, Any]] = None
+    rank_state_skipped: bool = False
 
     def get(self, component: str) -> Any:
         """The state of one component, or None."""
         return self.components.get(component)
+
+
+@dataclass
+class Applied:
+    """What applying a step handed back besides the live objects it loaded.
+
+    Attributes:
+        extra: The saved ``extra`` values (stateful targets as themselves, loaded).
+        rank_state: This rank's saved rank state, likewise.
+    """
+
+    extra: Dict[str, Any] = field(default_factory=dict)
+    rank_state: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -151,6 +190,9 @@ class RestoredCheckpoint:
         meta: The checkpoint's meta: versions, time, world size, and ``'user'``.
         metrics: The metrics given to ``save``.
         path: URI of the step directory.
+        rank_state: This rank's saved ``rank_state`` (objects passed in
+            ``rank_state`` are returned as themselves, loaded); empty when
+            the step has none or it was skipped after a world size change.
     """
 
     step: int
@@ -158,6 +200,7 @@ class RestoredCheckpoint:
     meta: Dict[str, Any] = field(default_factory=dict)
     metrics: Dict[str, Any] = field(default_factory=dict)
     path: str = ""
+    rank_state: Dict[str, Any] = field(default_factory=dict)
 
 
 def all_files(reports: List[RankFiles]) -> Dict[str, FileEntry]:

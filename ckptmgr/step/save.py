@@ -27,6 +27,7 @@ from ..format.manifest import Manifest
 from ..io.store import Store
 from .commit import CommitProtocol
 from .formats import StepFormat
+from .rankstate import manifest_table
 from .records import RankFiles, Snapshot, WritePlan, all_files
 
 logger = logging.getLogger(__name__)
@@ -35,9 +36,15 @@ __all__ = ["save_step", "build_manifest"]
 
 
 def build_manifest(step: int, metrics: Any, reports: List[RankFiles], world: int) -> Manifest:
-    """The commit record of a step from every rank's report (rank order); rank 0's names the components."""
+    """The commit record of a step from every rank's report (rank order); rank 0's names the components.
+
+    Every rank's RNG file (and rank-state file, when it wrote one) is listed by rank.
+    """
     components = dict(reports[0].components)
     components["rng"] = {str(rank): report.rng for rank, report in enumerate(reports)}
+    rank_state = manifest_table({rank: report.rank_state for rank, report in enumerate(reports)})
+    if rank_state:
+        components["rank_state"] = rank_state
     return Manifest(step=step, files=all_files(reports), components=components, metrics=dict(metrics),
                     world_size=world, time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 

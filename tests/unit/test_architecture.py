@@ -22,7 +22,8 @@ LAYERS = [
     {"step"},
     {"hub"},
     {"loaders"},
-    {"checkpoint", "retention", "inventory", "describe", "exporter", "release", "warmstart", "manager", "hooks"},
+    {"checkpoint", "retention", "inventory", "describe", "exporter", "release", "warmstart", "manager", "hooks",
+     "resume"},
     {"integrations"},
     {"cli"},
     {""},  # the facade, ckptmgr/__init__.py

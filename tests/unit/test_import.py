@@ -8,7 +8,8 @@ import json
 import subprocess
 import sys
 
-HEAVY = ("torch.distributed.checkpoint", "torch.distributed.tensor", "torch.distributed.fsdp", "torchvision",
+HEAVY = ("torch.distributed.checkpoint", "torch.distributed.tensor", "torch.distributed.fsdp",
+         "torch.distributed.optim", "torchvision",
          "accelerate", "s3fs", "torch._dynamo", "lightning", "pytorch_lightning", "mmengine", "mmcv")
 
 PROBE = """
@@ -43,6 +44,25 @@ with contextlib.redirect_stdout(io.StringIO()):
     assert main(["verify", {str(run)!r}]) == 0
 """
     assert _imported_after(setup) == []
+
+
+def test_saving_an_optimizer_imports_neither_zero_nor_dcp(tmp_path):
+    """The ZeRO and FSDP checks look for instances of classes already imported; they import nothing.
+
+    (Creating any torch optimizer imports torch._dynamo, and with it FSDP, so
+    only the modules ckptmgr alone could have pulled in are checked here.)
+    """
+    setup = f"""
+import torch
+from torch import nn
+import ckptmgr
+model = nn.Linear(2, 2)
+with ckptmgr.CheckpointManager({str(tmp_path / "run")!r}) as mgr:
+    mgr.save(1, model=model, optimizer=torch.optim.Adam(model.parameters()))
+    mgr.restore(model=model, optimizer=torch.optim.Adam(model.parameters()))
+"""
+    imported = _imported_after(setup)
+    assert "torch.distributed.optim" not in imported and "torch.distributed.checkpoint" not in imported
 
 
 def test_public_names_are_exported():

@@ -201,9 +201,26 @@ def get_state_dict(module: nn.Module, destination: Optional[Dict[str, Any]] = No
     return destination
 
 
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        items = [(k, _to_cpu(v)) for k, v in value.items()]
+        return OrderedDict(items) if isinstance(value, OrderedDict) else dict(items)
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    if isinstance(value, tuple):
+        moved = [_to_cpu(v) for v in value]
+        return type(value)(*moved) if hasattr(value, "_fields") else tuple(moved)
+    return value
+
+
 def weights_to_cpu(state_dict: Mapping[str, Any]) -> "OrderedDict[str, Any]":
-    """Return a copy of ``state_dict`` with every tensor moved to the CPU (metadata kept)."""
-    out = OrderedDict((k, v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in state_dict.items())
+    """Return a copy of ``state_dict`` with every tensor moved to the CPU (metadata kept).
+
+    Tensors nested in dicts, lists and tuples move too, as mmengine's ``weights_to_cpu`` does.
+    """
+    out = OrderedDict((k, _to_cpu(v)) for k, v in state_dict.items())
     if hasattr(state_dict, "_metadata"):
         out._metadata = state_dict._metadata  # type: ignore[attr-defined]
     return out

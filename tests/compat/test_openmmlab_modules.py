@@ -170,3 +170,15 @@ def test_an_empty_state_dict_loads_into_a_model_without_parameters(tmp_path):
     torch.save({"meta": {"epoch": 1}, "state_dict": OrderedDict()}, path)
     checkpoint = ckptmgr.load_checkpoint(nn.Sequential(nn.ReLU()), str(path), strict=True)
     assert checkpoint["meta"] == {"epoch": 1}
+
+
+def test_weights_to_cpu_reaches_nested_tensors():
+    """mmengine's weights_to_cpu applies .cpu() through nested containers (mmengine checkpoint.py:646-660)."""
+    import collections
+    Pair = collections.namedtuple("Pair", "a b")
+    weight = nn.Parameter(torch.ones(2))
+    out = ckptmgr.weights_to_cpu(OrderedDict(top=weight, nested={"inner": [weight, (weight, 1)]},
+                                             pair=Pair(weight, "x")))
+    leaves = [out["top"], out["nested"]["inner"][0], out["nested"]["inner"][1][0], out["pair"].a]
+    assert all(type(t) is torch.Tensor and t.device.type == "cpu" and not t.requires_grad for t in leaves)
+    assert isinstance(out["pair"], Pair) and out["pair"].b == "x" and out["nested"]["inner"][1][1] == 1

@@ -97,8 +97,9 @@ def _holds(obj: Any, depth: int = 0) -> bool:
         return True
     if depth > _MAX_DEPTH:
         return False
-    if isinstance(obj, Mapping):
-        return any(_holds(k, depth + 1) or _holds(v, depth + 1) for k, v in obj.items())
+    if isinstance(obj, Mapping):  # a state dict's module versions (_metadata) count too
+        return (_holds(getattr(obj, "_metadata", None), depth + 1)
+                or any(_holds(k, depth + 1) or _holds(v, depth + 1) for k, v in obj.items()))
     if isinstance(obj, (list, tuple, set, frozenset)):
         return any(_holds(v, depth + 1) for v in obj)
     return False
@@ -126,7 +127,7 @@ def _prune(obj: Any, path: str, removed: List[str], depth: int = 0) -> None:
     for key in list(obj):
         here = f"{path}.{key}" if path else str(key)
         value = obj[key]
-        if isinstance(value, dict) and not _holds(key):
+        if isinstance(value, dict) and not _holds(key) and not _holds(getattr(value, "_metadata", None)):
             _prune(value, here, removed, depth + 1)
         elif _holds(key) or _holds(value):
             del obj[key]
@@ -188,7 +189,7 @@ def _without_stand_ins(checkpoint: Any, names: List[str], source: str) -> Any:
     removed: List[str] = []
     _prune(checkpoint, "", removed)
     if removed:
-        logger.warning("%s: skipped %s: loading them needs pickle code (%s); the weights are loaded. Pass "
+        logger.warning("%s: skipped %s (loading them needs pickle code: %s); the weights are loaded. Pass "
                        "trust_pickle=True for a file you trust to load everything", source, ", ".join(removed),
                        needs)
     return checkpoint

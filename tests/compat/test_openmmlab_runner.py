@@ -142,14 +142,18 @@ def _payloads(canary):
 
 
 @pytest.mark.parametrize("name", ["builtins.eval", "builtins.exec", "subprocess.call", "os.system"])
-@pytest.mark.parametrize("where", ["beside the weights", "inside the weights", "the whole file"])
+@pytest.mark.parametrize("where", ["beside the weights", "inside the weights", "in the module versions",
+                                   "the whole file"])
 def test_hostile_payloads_are_skipped_or_refused_never_run(tmp_path, name, where):
     canary = tmp_path / "canary"
     payload = _payloads(canary)[name]
     allowed_before = set(torch.serialization.get_safe_globals())
     weights = Model().state_dict()
+    versioned = Model().state_dict()
+    versioned._metadata["block"] = payload  # state_dict._metadata reaches _load_from_state_dict
     obj = {"beside the weights": {"meta": {}, "state_dict": weights, "message_hub": {"x": payload}},
            "inside the weights": {"state_dict": dict(weights, extra=payload)},
+           "in the module versions": {"state_dict": versioned},
            "the whole file": payload}[where]
     path = tmp_path / "hostile.pth"
     torch.save(obj, path)

@@ -44,7 +44,9 @@ BUILTIN_SCHEMES: Dict[str, str] = {
     "": "ckptmgr.loaders.local:load_from_local",  # the fallback for plain paths, as in OpenMMLab
     "file://": "ckptmgr.loaders.local:load_from_local",
     "s3://": "ckptmgr.loaders.fsspec:load_from_fsspec",
-    r"(\S+\:)?s3://": "ckptmgr.loaders.fsspec:load_from_fsspec",  # OpenMMLab's cluster:s3:// names
+    # OpenMMLab's cluster:s3:// names; "=s3://" means "whatever 's3://' is registered to", so replacing
+    # the s3:// loader (force=True) is not shadowed by this longer prefix.
+    r"(\S+\:)?s3://": "=s3://",
     "memory://": "ckptmgr.loaders.fsspec:load_from_fsspec",
     "http://": "ckptmgr.loaders.http:load_from_http",
     "https://": "ckptmgr.loaders.http:load_from_http",
@@ -58,10 +60,13 @@ _LOCAL = "ckptmgr.loaders.local:load_from_local"
 _FSSPEC = "ckptmgr.loaders.fsspec:load_from_fsspec"
 
 
-def resolve(target: Union[str, Loader]) -> Loader:
-    """The loader a table entry names: a callable as it is, a ``"module:function"`` string imported."""
+def resolve(target: Union[str, Loader], table: Optional[Dict[Any, Union[str, Loader]]] = None) -> Loader:
+    """The loader a table entry names: a callable as it is, a ``"module:function"`` string imported,
+    ``"=PREFIX"`` the loader of another entry of ``table``."""
     if callable(target):
         return target
+    if target.startswith("="):
+        return resolve((table or {}).get(target[1:], _FSSPEC))
     module, _, name = target.partition(":")
     loader: Loader = getattr(importlib.import_module(module), name)
     return loader
@@ -152,7 +157,8 @@ class CheckpointLoader:
     def registered_schemes(cls) -> Dict[Prefix, Loader]:
         """A copy of the prefix -> loader table (built-ins imported)."""
         cls._ensure_builtins()
-        return {prefix: resolve(target) for prefix, target in cls._schemes.items()}
+        table = dict(cls._schemes)
+        return {prefix: resolve(target, table) for prefix, target in table.items()}
 
     @classmethod
     def snapshot(cls) -> Dict[Prefix, Any]:
@@ -197,7 +203,7 @@ class CheckpointLoader:
             table = dict(cls._schemes)
         for prefix in sorted((p for p in table if p != ""), key=priority, reverse=True):
             if matches(prefix, filename, normalized):
-                return resolve(table[prefix])
+                return resolve(table[prefix], table)
         if protocol is None or protocol == "file":
             return resolve(table.get("", _LOCAL))
         if fsspec_knows(protocol):

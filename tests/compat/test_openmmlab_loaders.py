@@ -44,6 +44,14 @@ def test_p5_cluster_qualified_s3_routes_to_the_s3_loader(name):
     assert registry.get_loader(name) is registry.get_loader("s3://bucket/x.pth")
 
 
+def test_p5_replacing_the_s3_loader_covers_cluster_qualified_names():
+    """The longer built-in regex must not shadow a user's force=True replacement of 's3://'."""
+    mine = _loader("load_from_my_s3")
+    registry.register_scheme("s3://", mine, force=True)
+    assert registry.get_loader("s3://bucket/x.pth") is mine
+    assert registry.get_loader("cluster1:s3://bucket/x.pth") is mine
+
+
 def test_p5_cluster_qualified_s3_loads_from_s3(s3):
     model = Model()
     ckptmgr.save_checkpoint(model, f"{s3}/w.pth")

@@ -15,7 +15,8 @@ __all__ = [
     "KeyMismatchError", "CheckpointFormatError", "UnknownSchemeError",
     "MissingDependencyError", "StorageError", "DownloadError",
     "DistributedError", "UnserializableStateError", "DirectoryInUseError", "FrozenParametersError",
-    "WorldSizeChangedError",
+    "WorldSizeChangedError", "PrefixNotFoundError", "NoStateDictError", "SaveArgumentError", "BackendArgumentError",
+    "UnexpectedKeywordError",
 ]
 
 
@@ -91,8 +92,51 @@ class CheckpointFormatError(CheckpointError, ValueError):
     default_hint = "inspect the file with `ckptmgr inspect PATH` to see what it holds"
 
 
-class UnknownSchemeError(CheckpointError, ValueError):
-    """No loader is registered for the URL's scheme."""
+class PrefixNotFoundError(CheckpointFormatError, AssertionError):
+    """No key of the state dict starts with the prefix asked for.
+
+    Also an ``AssertionError``: OpenMMLab's ``_load_checkpoint_with_prefix``
+    asserts that the prefix is there, and callers catch that.
+    """
+
+    default_hint = "pass one of the listed prefixes"
+
+
+class NoStateDictError(CheckpointFormatError, RuntimeError):
+    """The file holds no state dict at all (a tensor, a list, ...).
+
+    Also a ``RuntimeError``, what OpenMMLab's ``load_checkpoint`` raises for such a file.
+    """
+
+    default_hint = "pass a file holding model weights, or a dict with a 'state_dict' key"
+
+
+class SaveArgumentError(CheckpointError, TypeError):
+    """``save_checkpoint`` got something it cannot save in either calling convention."""
+
+    default_hint = ("pass a module (mmcv form: save_checkpoint(model, filename, optimizer=None, meta=None)) or a "
+                    "checkpoint dict (mmengine form: save_checkpoint(checkpoint, filename))")
+
+
+class UnexpectedKeywordError(CheckpointError, TypeError):
+    """A loading function got a keyword argument that neither it nor the chosen loader takes."""
+
+    default_hint = "check the spelling of the keyword"
+
+
+class BackendArgumentError(CheckpointError, ValueError):
+    """``file_client_args`` / ``backend_args`` (OpenMMLab storage settings) that cannot be honoured."""
+
+    default_hint = ("pass storage_options= (fsspec options) instead, or one of the backends "
+                    "'disk', 'local', 'petrel', 's3', 'http'")
+
+
+class UnknownSchemeError(CheckpointError, ValueError, FileNotFoundError):
+    """No loader is registered for the URL's scheme.
+
+    Also a ``FileNotFoundError``: OpenMMLab hands an unknown ``scheme://`` to its
+    local loader, which raises that, so code written for it keeps catching it.
+    """
 
     default_hint = "register one with CheckpointLoader.register_scheme('myscheme://', loader)"
 

@@ -1,6 +1,6 @@
 """Scenario 4: hostile files through every load path: no code runs, nothing outside the directory is touched.
 
-* a pickle whose ``__reduce__`` would create a canary file, loaded through
+* a pickle whose ``__reduce__`` would create a canary file (in the weights), loaded through
   ``load_checkpoint`` with a local path, ``file://``, ``memory://``, ``s3://``
   (moto), ``http://`` (the test server), ``open-mmlab://`` (through
   CKPTMGR_URL_MIRRORS), a manager step that names it, and the CLI
@@ -9,7 +9,8 @@
 * manifests listing ``../`` or absolute names, and a symlink in a step
   directory that points at a file outside it (with the right bytes).
 
-Every case must raise a typed error; the canary must never exist.
+Every case must raise a typed error (a pickle beside the weights is skipped by
+``load_checkpoint``, which wants the weights only); the canary must never exist.
 """
 from __future__ import annotations
 
@@ -43,10 +44,21 @@ class Canary:
         return (open, (self.path, "w"))
 
 
-def evil_bytes(canary: str) -> bytes:
+def evil_bytes(canary: str, beside_weights: bool = False) -> bytes:
+    """A torch file with the canary in its weights (every load refuses it), or beside them in ``meta``
+    (``load_checkpoint`` wants only the weights: it skips the canary, never running it)."""
     buf = io.BytesIO()
-    torch.save({"state_dict": {"w": torch.zeros(2)}, "meta": Canary(canary)}, buf)
+    if beside_weights:
+        torch.save({"state_dict": small_model().state_dict(), "meta": Canary(canary)}, buf)
+    else:
+        torch.save({"state_dict": {"w": torch.zeros(2), "evil": Canary(canary)}}, buf)
     return buf.getvalue()
+
+
+def _skipped_beside_weights(path: str) -> None:
+    checkpoint = ckptmgr.load_checkpoint(small_model(1), path, strict=True)
+    assert "meta" not in checkpoint, "the pickled meta was not skipped"
+    expect_typed(lambda: ckptmgr.CheckpointLoader.load_checkpoint(path), path)  # the whole file: refused
 
 
 def _safetensors(header: dict, data: bytes) -> bytes:
@@ -133,6 +145,10 @@ def run_malicious(http_server: Any = None, s3_endpoint: str = "") -> Tally:
         for label, uri in sources:
             tally.trial(f"pickle via {label}", lambda uri=uri: expect_typed(
                 lambda: ckptmgr.load_checkpoint(small_model(), uri), uri))
+        beside = os.path.join(root, "evil_meta.pth")
+        with open(beside, "wb") as fh:
+            fh.write(evil_bytes(canary, beside_weights=True))
+        tally.trial("pickle beside the weights: skipped by load_checkpoint", lambda: _skipped_beside_weights(beside))
         os.environ.pop("CKPTMGR_URL_MIRRORS", None)
         for command in (["inspect", local], ["convert", local, os.path.join(root, "out.safetensors")]):
             def cli(command: List[str] = command) -> None:

@@ -21,7 +21,7 @@ import io
 import json
 import struct
 from collections import OrderedDict
-from typing import IO, Any, Mapping, MutableMapping, Optional
+from typing import IO, Any, Dict, Mapping, MutableMapping, Optional
 
 import torch
 
@@ -47,28 +47,40 @@ def kind_of(name: str) -> str:
     return "safetensors" if str(name).endswith(".safetensors") else "torch"
 
 
-def write_checkpoint_file(fh: IO[bytes], kind: str, checkpoint: Mapping[str, Any]) -> None:
+def write_checkpoint_file(fh: IO[bytes], kind: str, checkpoint: Mapping[str, Any],
+                          weights: Optional[str] = "state_dict") -> None:
     """Write a checkpoint dict (``state_dict`` required; ``meta``, ``optimizer``, ... optional) to ``fh``.
 
     Args:
         fh: A binary file open for writing (an atomic write of ckptmgr.io).
         kind: ``'torch'`` or ``'safetensors'`` (see :func:`kind_of`).
         checkpoint: The dict to store; its ``state_dict`` keeps ``_metadata`` (module versions).
+        weights: (safetensors) the key of the model state dict, whose tensors are stored
+            under their bare keys; ``''`` when ``checkpoint`` is itself the state dict, None
+            when it holds none (everything goes into the header skeleton).
 
     Raises:
         UnserializableStateError: (safetensors) a value cannot be stored without pickle.
     """
     if kind == "torch":
-        save_torch(dict(checkpoint), fh)
+        save_torch(checkpoint if isinstance(checkpoint, dict) else dict(checkpoint), fh)
         return
-    state_dict = checkpoint.get("state_dict") or {}
+    if weights == "":
+        state_dict: Mapping[str, Any] = checkpoint
+        rest: Dict[Any, Any] = {}
+    elif weights is None:
+        state_dict, rest = {}, dict(checkpoint)
+    else:
+        state_dict = checkpoint.get(weights) or {}
+        rest = {k: v for k, v in checkpoint.items() if k != weights}
     tensors: MutableMapping[str, torch.Tensor] = OrderedDict(
         (k, v) for k, v in state_dict.items() if isinstance(v, torch.Tensor))
     others = {k: v for k, v in state_dict.items() if not isinstance(v, torch.Tensor)}
-    rest = {k: v for k, v in checkpoint.items() if k != "state_dict"}
     rest_skeleton, tensors = to_skeleton(rest, tensors, path=_REST)
     others_skeleton, tensors = to_skeleton(others, tensors, path=f"{_REST}.state_dict")
     skeleton = {"rest": rest_skeleton, "state_dict_others": others_skeleton, "order": [str(k) for k in state_dict]}
+    if weights != "state_dict":  # absent (older files and the default): the weights are under "state_dict"
+        skeleton["weights"] = weights
     metadata = {"format": "pt", CHECKPOINT_KEY: json.dumps(skeleton, allow_nan=False)}
     module_meta = getattr(state_dict, "_metadata", None)
     if module_meta:
@@ -87,7 +99,11 @@ def _decode(tensors: "OrderedDict[str, torch.Tensor]", metadata: Mapping[str, st
                 (key, others[key] if key in others else tensors[key]) for key in skeleton["order"])
             if MODULE_META_KEY in metadata:
                 state._metadata = OrderedDict(json.loads(metadata[MODULE_META_KEY]))  # type: ignore[attr-defined]
-            rest["state_dict"] = state
+            weights = skeleton.get("weights", "state_dict")
+            if weights == "":
+                return state
+            if weights is not None:
+                rest[weights] = state
             return rest
         if SKELETON_KEY in metadata:  # 0.1 save_checkpoint: the whole dict as a skeleton
             return from_skeleton(json.loads(metadata[SKELETON_KEY]), tensors)

@@ -2,7 +2,8 @@
 
 Full unpickling happens only with ``trust_pickle=True``; a pickle that needs
 code is told apart from a damaged file without running it (``pickletools``
-parses opcodes, it never executes them).
+parses opcodes, it never executes them). Inside :func:`~.pickled.skip_pickled`
+a file whose non-weight parts need pickle loads without them (:mod:`.pickled`).
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import torch
 
 from ..errors import CorruptCheckpointError, UnsafeCheckpointError
 from .maplocation import MapLocation
+from .pickled import check_no_stand_ins, load_skipping_pickled, session_marker, skipping_pickled
 
 __all__ = ["save_torch", "load_torch"]
-
 
 
 def save_torch(obj: Any, fileobj: IO[bytes]) -> None:
@@ -37,10 +38,15 @@ def load_torch(fileobj: IO[bytes], map_location: MapLocation = None, trust_pickl
     try:
         if trust_pickle:  # explicit opt-in by the caller: the only full unpickling in ckptmgr
             return torch.load(fileobj, map_location=map_location, weights_only=False)  # trust_pickle=True
-        return torch.load(fileobj, map_location=map_location, weights_only=True)
+        marker = session_marker()
+        result = torch.load(fileobj, map_location=map_location, weights_only=True)
+        check_no_stand_ins(result, marker, source)
+        return result
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "GLOBAL" in text or "global" in text or _plain_pickle_needing_code(fileobj, start):
+            if skipping_pickled() and start is not None:
+                return load_skipping_pickled(fileobj, start, map_location, source)
             raise UnsafeCheckpointError(
                 f"{source} needs arbitrary pickle code to load ({_first_reason(text)})") from exc
         raise CorruptCheckpointError(f"{source} is not a valid torch checkpoint: {_first_reason(text)}") from exc

@@ -1,11 +1,15 @@
 """The scheme registry: which loader handles which URL prefix.
 
 A loader is any callable ``loader(filename, map_location=None, **kwargs)``
-returning what ``torch.load(weights_only=True)`` would (a dict, usually).
-Dispatch picks the longest registered prefix that matches; plain paths and
-``file://`` go to the local loader; an unregistered ``scheme://`` goes to the
-fsspec loader only when fsspec knows the protocol, and otherwise fails loudly:
-it is never mistaken for a relative local path.
+returning what ``torch.load(weights_only=True)`` would (a dict, usually); it is
+called as OpenMMLab calls it, ``loader(filename, map_location)`` by position,
+plus the keywords it declares (:mod:`.calling`). Prefixes are plain strings or
+regular expressions, as OpenMMLab's are (the rule is in :mod:`.prefixes`);
+dispatch tries the longest first. Plain paths and ``file://`` go to the loader
+registered under ``''`` (the local loader, as in OpenMMLab); an unregistered
+``scheme://`` goes to the fsspec loader only when fsspec knows the protocol,
+and otherwise fails loudly (:class:`UnknownSchemeError`, also a
+``FileNotFoundError``): it is never mistaken for a relative local path.
 
 Built-in schemes are listed as dotted import strings (as fsspec's
 ``known_implementations`` does) and imported on first use, so this module
@@ -15,15 +19,17 @@ name to a URL and hand it back to the registry.
 from __future__ import annotations
 
 import importlib
-import inspect
 import logging
 import os
+import re
 import threading
 from typing import Any, Callable, Dict, Iterable, Optional, Union
 
 from ..errors import UnknownSchemeError
 from ..io.remote import fsspec_knows
 from ..io.uri import split_protocol
+from .calling import loader_keywords
+from .prefixes import Prefix, matches, priority, text_of, validate_prefix
 
 _LOCK = threading.RLock()
 
@@ -35,8 +41,12 @@ Loader = Callable[..., Any]
 
 #: Built-in prefixes -> "module:function" of their loader, imported when first used.
 BUILTIN_SCHEMES: Dict[str, str] = {
+    "": "ckptmgr.loaders.local:load_from_local",  # the fallback for plain paths, as in OpenMMLab
     "file://": "ckptmgr.loaders.local:load_from_local",
     "s3://": "ckptmgr.loaders.fsspec:load_from_fsspec",
+    # OpenMMLab's cluster:s3:// names; "=s3://" means "whatever 's3://' is registered to", so replacing
+    # the s3:// loader (force=True) is not shadowed by this longer prefix.
+    r"(\S+\:)?s3://": "=s3://",
     "memory://": "ckptmgr.loaders.fsspec:load_from_fsspec",
     "http://": "ckptmgr.loaders.http:load_from_http",
     "https://": "ckptmgr.loaders.http:load_from_http",
@@ -50,30 +60,31 @@ _LOCAL = "ckptmgr.loaders.local:load_from_local"
 _FSSPEC = "ckptmgr.loaders.fsspec:load_from_fsspec"
 
 
-def resolve(target: Union[str, Loader]) -> Loader:
-    """The loader a table entry names: a callable as it is, a ``"module:function"`` string imported."""
+def resolve(target: Union[str, Loader], table: Optional[Dict[Any, Union[str, Loader]]] = None) -> Loader:
+    """The loader a table entry names: a callable as it is, a ``"module:function"`` string imported,
+    ``"=PREFIX"`` the loader of another entry of ``table``."""
     if callable(target):
         return target
+    if target.startswith("="):
+        return resolve((table or {}).get(target[1:], _FSSPEC))
     module, _, name = target.partition(":")
     loader: Loader = getattr(importlib.import_module(module), name)
     return loader
 
 
-def _accepted_kwargs(func: Loader, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """Keep only the keyword arguments ``func`` accepts (user loaders often take just filename, map_location)."""
-    try:
-        params = inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return {}
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return dict(kwargs)
-    return {k: v for k, v in kwargs.items() if k in params}
+#: Hints for schemes OpenMMLab knows and ckptmgr deliberately does not.
+_UNSUPPORTED_HINTS = {
+    "pavi": "pavi:// (OpenMMLab's internal model cloud) is not supported; download the file and load it "
+            "by path, or register a loader with CheckpointLoader.register_scheme('pavi://', loader)",
+    "petrel": "petrel:// needs SenseTime's petrel client, which ckptmgr does not use; address the same "
+              "bucket as s3://bucket/key (AWS_ENDPOINT_URL or storage_options={'endpoint_url': ...})",
+}
 
 
 class CheckpointLoader:
     """Registry of checkpoint loaders keyed by URL prefix (OpenMMLab-compatible API)."""
 
-    _schemes: Dict[str, Union[str, Loader]] = {}
+    _schemes: Dict[Prefix, Union[str, Loader]] = {}
     _builtins_loaded = False
 
     @classmethod
@@ -89,34 +100,41 @@ class CheckpointLoader:
                 cls._builtins_loaded = True
 
     @classmethod
-    def _register(cls, prefixes: Union[str, Iterable[str]], loader: Loader, force: bool) -> None:
-        if isinstance(prefixes, str):
+    def _register(cls, prefixes: Union[Prefix, Iterable[Prefix]], loader: Loader, force: bool) -> None:
+        if isinstance(prefixes, (str, re.Pattern)):
             prefixes = [prefixes]
-        prefixes = list(prefixes)
-        if not prefixes or not all(isinstance(p, str) and p for p in prefixes):
-            raise TypeError(f"prefixes must be a non-empty string or a list of them, got {prefixes!r}")
+        elif not isinstance(prefixes, (list, tuple)):
+            raise TypeError(f"prefixes must be a string, a compiled regex or a list/tuple of them, got {prefixes!r}")
+        prefixes = [validate_prefix(p) for p in prefixes]
+        if not prefixes:
+            raise TypeError("prefixes must name at least one prefix, got an empty list")
         if not callable(loader):
             raise TypeError(f"loader must be callable, got {loader!r}")
         cls._ensure_builtins()
         with _LOCK:  # all or nothing: check every prefix before registering any
             for prefix in prefixes:
                 if prefix in cls._schemes and not force:
-                    raise KeyError(f"{prefix} is already registered as a loader backend, "
+                    raise KeyError(f"{text_of(prefix)!r} is already registered as a loader backend, "
                                    'add "force=True" if you want to override it')
             for prefix in prefixes:
                 cls._schemes[prefix] = loader
 
     @classmethod
-    def register_scheme(cls, prefixes: Union[str, Iterable[str]], loader: Optional[Loader] = None,
+    def register_scheme(cls, prefixes: Union[Prefix, Iterable[Prefix]], loader: Optional[Loader] = None,
                         force: bool = False) -> Loader:
         """Register ``loader`` for one prefix or several.
 
         Works as a call, ``register_scheme('myfs://', load_fn)``, and as a
-        decorator, ``@CheckpointLoader.register_scheme('myfs://')``.
+        decorator, ``@CheckpointLoader.register_scheme('myfs://')``. A prefix
+        holding one of ``\\ ( ) [ ] { } * ? | ^ $`` (or a compiled ``re.Pattern``)
+        is a regular expression tried with ``re.match``, as in OpenMMLab
+        (``r'(\\S+\\:)?myfs://'``); any other string is plain. ``''`` is the
+        loader for plain paths (the local loader until replaced with ``force=True``).
 
         Args:
-            prefixes: A prefix (``'s3://'``, ``'a/b'``) or a list/tuple of them.
-            loader: ``loader(filename, map_location=None, **kwargs) -> checkpoint``.
+            prefixes: A prefix (``'s3://'``, ``'a/b'``, a regex) or a list/tuple of them.
+            loader: ``loader(filename, map_location, **declared_options) -> checkpoint``;
+                called with ``filename`` and ``map_location`` by position.
             force: Replace existing registrations instead of raising.
 
         Returns:
@@ -124,6 +142,7 @@ class CheckpointLoader:
 
         Raises:
             KeyError: a prefix is already registered and ``force`` is False.
+            TypeError: a prefix is not a string or regex, or a regex does not compile.
         """
         if loader is not None:
             cls._register(prefixes, loader, force)
@@ -135,19 +154,20 @@ class CheckpointLoader:
         return decorator
 
     @classmethod
-    def registered_schemes(cls) -> Dict[str, Loader]:
+    def registered_schemes(cls) -> Dict[Prefix, Loader]:
         """A copy of the prefix -> loader table (built-ins imported)."""
         cls._ensure_builtins()
-        return {prefix: resolve(target) for prefix, target in cls._schemes.items()}
+        table = dict(cls._schemes)
+        return {prefix: resolve(target, table) for prefix, target in table.items()}
 
     @classmethod
-    def snapshot(cls) -> Dict[str, Any]:
+    def snapshot(cls) -> Dict[Prefix, Any]:
         """Capture the registry (for tests: restore it with :meth:`restore`)."""
         cls._ensure_builtins()
         return dict(cls._schemes)
 
     @classmethod
-    def restore(cls, snapshot: Dict[str, Any]) -> None:
+    def restore(cls, snapshot: Dict[Prefix, Any]) -> None:
         """Put back a registry captured by :meth:`snapshot`."""
         with _LOCK:
             cls._schemes.clear()
@@ -158,11 +178,12 @@ class CheckpointLoader:
     def get_loader(cls, filename: str) -> Loader:
         """Return the loader for ``filename``.
 
-        The longest registered prefix that ``filename`` starts with wins (the
-        ``scheme://`` part compares case-insensitively). Without a match, plain
-        paths and ``file://`` go to the local loader and protocols fsspec knows
-        to the fsspec loader (which raises MissingDependencyError, naming the
-        package, when that protocol's backend is not installed).
+        The longest registered prefix that matches wins (plain prefixes compare
+        the ``scheme://`` part case-insensitively; regex prefixes use
+        ``re.match``). Without a match, plain paths and ``file://`` go to the
+        loader registered under ``''`` (the local loader), and protocols fsspec
+        knows to the fsspec loader (which raises MissingDependencyError, naming
+        the package, when that protocol's backend is not installed).
 
         Args:
             filename: A path (str or PathLike) or URL.
@@ -171,7 +192,8 @@ class CheckpointLoader:
             The loader callable.
 
         Raises:
-            UnknownSchemeError: ``filename`` has a ``scheme://`` that nothing handles.
+            UnknownSchemeError: ``filename`` has a ``scheme://`` that nothing handles
+                (also a ``FileNotFoundError``, what OpenMMLab raises for it).
         """
         cls._ensure_builtins()
         filename = os.fspath(filename) if isinstance(filename, os.PathLike) else str(filename)
@@ -179,39 +201,47 @@ class CheckpointLoader:
         normalized = f"{protocol}://{rest}" if protocol is not None else filename
         with _LOCK:
             table = dict(cls._schemes)
-        for prefix in sorted(table, key=len, reverse=True):
-            if filename.startswith(prefix) or normalized.startswith(prefix):
-                return resolve(table[prefix])
+        for prefix in sorted((p for p in table if p != ""), key=priority, reverse=True):
+            if matches(prefix, filename, normalized):
+                return resolve(table[prefix], table)
         if protocol is None or protocol == "file":
-            return resolve(_LOCAL)
+            return resolve(table.get("", _LOCAL))
         if fsspec_knows(protocol):
             return resolve(_FSSPEC)
-        known = ", ".join(sorted(table)) or "(none)"
+        known = ", ".join(sorted(text_of(p) for p in table if p != "")) or "(none)"
         raise UnknownSchemeError(
             f"no checkpoint loader for '{protocol}://' in {filename!r} (it is not a local path either); "
-            f"registered prefixes: {known}")
+            f"registered prefixes: {known}", _UNSUPPORTED_HINTS.get(protocol))
+
+    #: OpenMMLab's name for :meth:`get_loader`, kept for code written against it.
+    _get_checkpoint_loader = get_loader
 
     @classmethod
     def load_checkpoint(cls, filename: str, map_location: Any = None, logger: Any = None, **kwargs: Any) -> Any:
         """Load a checkpoint through the loader registered for ``filename``.
 
+        The loader is called as ``loader(filename, map_location, **options)``,
+        ``options`` being the keywords it declares.
+
         Args:
             filename: A path or URL.
             map_location: Passed to the loader (as for ``torch.load``).
             logger: Logger for the debug line naming the loader (``'silent'`` for none).
-            **kwargs: ``trust_pickle``, ``storage_options`` and loader-specific options;
-                passed on only when the loader accepts them.
+            **kwargs: ``trust_pickle`` and ``storage_options`` (passed on to loaders that
+                declare them) and options of the chosen loader (e.g. ``check_hash``).
 
         Returns:
             The checkpoint the loader returned.
 
         Raises:
             UnknownSchemeError: no loader handles ``filename``.
+            UnexpectedKeywordError: (a ``TypeError``) a keyword the chosen loader does not take.
             CheckpointError: whatever the loader raises (not found, corrupt, unsafe, ...).
         """
         filename = os.fspath(filename) if isinstance(filename, os.PathLike) else str(filename)
         loader = cls.get_loader(filename)
+        extra = loader_keywords(loader, kwargs, "CheckpointLoader.load_checkpoint")
         log = logger if isinstance(logger, logging.Logger) else globals()["logger"]
         if logger != "silent":
             log.debug("load checkpoint from %s with %s", filename, getattr(loader, "__name__", repr(loader)))
-        return loader(filename, map_location=map_location, **_accepted_kwargs(loader, kwargs))
+        return loader(filename, map_location, **extra)

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 from ..errors import CheckpointFormatError
 from ..format.maplocation import MapLocation
 from ..hub.zoo import resolve_torchvision, resolve_zoo_name
+from .calling import accepts_keyword
 from .registry import CheckpointLoader
 
 logger = logging.getLogger(__name__)
@@ -46,8 +47,10 @@ def load_from_torchvision(filename: str, map_location: MapLocation = None, trust
 
 
 def _load_resolved(target: str, map_location: MapLocation, trust_pickle: bool, check_hash: bool) -> Any:
+    # check_hash means something to the http loader only; a zoo entry may name a local file.
+    options = {"check_hash": check_hash} if accepts_keyword(CheckpointLoader.get_loader(target), "check_hash") else {}
     return CheckpointLoader.load_checkpoint(target, map_location, logger="silent", trust_pickle=trust_pickle,
-                                            check_hash=check_hash)
+                                            **options)
 
 
 def load_from_openmmlab(filename: str, map_location: MapLocation = None, trust_pickle: bool = False,

@@ -8,7 +8,7 @@ import re
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Mapping, Sequence, Tuple
 
-from ..errors import CheckpointFormatError
+from ..errors import CheckpointFormatError, PrefixNotFoundError
 
 __all__ = ["revise_keys", "select_prefix", "top_level_prefixes"]
 
@@ -77,7 +77,9 @@ def select_prefix(state_dict: Mapping[str, Any], prefix: str) -> "OrderedDict[st
         A new OrderedDict of the matching entries.
 
     Raises:
-        CheckpointFormatError: no key starts with the prefix; the message lists the top-level prefixes.
+        PrefixNotFoundError: no key starts with the prefix (also an ``AssertionError``, as
+            OpenMMLab raises); the message lists the top-level prefixes.
+        CheckpointFormatError: ``prefix`` is not a non-empty string.
     """
     if not isinstance(prefix, str) or not prefix.strip("."):
         raise CheckpointFormatError(f"prefix must be a non-empty string, got {prefix!r}", "pass e.g. 'backbone'")
@@ -86,9 +88,9 @@ def select_prefix(state_dict: Mapping[str, Any], prefix: str) -> "OrderedDict[st
         (k[len(dotted):], v) for k, v in state_dict.items() if k.startswith(dotted))
     if not out:
         available = ", ".join(top_level_prefixes(state_dict.keys())) or "(no keys)"
-        raise CheckpointFormatError(
-            f"no key starts with '{dotted}'; top-level prefixes in the checkpoint: {available}",
-            "pass one of the listed prefixes")
+        raise PrefixNotFoundError(
+            f"{prefix} is not in the pretrained model: no key starts with '{dotted}'; "
+            f"top-level prefixes in the checkpoint: {available}")
     meta = getattr(state_dict, "_metadata", None)
     if meta is not None:  # keep only the versions of modules under the prefix
         out._metadata = OrderedDict(  # type: ignore[attr-defined]

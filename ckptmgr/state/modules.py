@@ -13,13 +13,14 @@ import logging
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .. import distributed as dist
 from ..errors import KeyMismatchError
+from .openmmlab import upstream_wrapper_classes
 
 logger = logging.getLogger(__name__)
 
@@ -32,15 +33,19 @@ __all__ = [
 _WRAPPERS: Dict[type, str] = {}
 
 
-def register_module_wrapper(cls: Optional[Type[nn.Module]] = None, attr: str = "module", *,
+def register_module_wrapper(cls: Optional[type] = None, attr: str = "module", *,
                             force: bool = False) -> Any:
     """Register a module wrapper class whose real model lives in ``getattr(wrapper, attr)``.
 
     Usable as a call (``register_module_wrapper(MyWrapper)``) or as a decorator
     (``@register_module_wrapper`` or ``@register_module_wrapper(attr='inner')``).
+    Any class counts, ``nn.Module`` or not, as in OpenMMLab's wrapper
+    registries. Classes registered in mmengine's ``MODEL_WRAPPERS`` or mmcv's
+    ``MODULE_WRAPPERS`` are recognised without this call (when that package is
+    already imported).
 
     Args:
-        cls: The wrapper class (a subclass of ``nn.Module``).
+        cls: The wrapper class.
         attr: Attribute under which the wrapper keeps the wrapped module.
         force: Replace an existing registration with a different ``attr``.
 
@@ -48,13 +53,13 @@ def register_module_wrapper(cls: Optional[Type[nn.Module]] = None, attr: str = "
         ``cls`` (so it works as a decorator), or a decorator when ``cls`` is None.
 
     Raises:
-        TypeError: ``cls`` is not an ``nn.Module`` subclass.
+        TypeError: ``cls`` is not a class.
         KeyError: ``cls`` is already registered with another attribute and not ``force``.
     """
     if cls is None:
         return lambda c: register_module_wrapper(c, attr, force=force)
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TypeError(f"module wrappers must be nn.Module subclasses, got {cls!r}")
+    if not isinstance(cls, type):
+        raise TypeError(f"register_module_wrapper takes a class, got {cls!r}")
     if _WRAPPERS.get(cls, attr) != attr and not force:
         raise KeyError(f"{cls.__name__} is already registered as a wrapper of '{_WRAPPERS[cls]}'; pass force=True")
     _WRAPPERS[cls] = attr
@@ -80,11 +85,19 @@ def _wrapper_attr(obj: Any) -> Optional[str]:
     for cls in type(obj).__mro__:
         if cls in _WRAPPERS:
             return _WRAPPERS[cls]
+    upstream = upstream_wrapper_classes()
+    if upstream and isinstance(obj, upstream) and hasattr(obj, "module"):
+        return "module"
     return None
 
 
 def is_module_wrapper(obj: Any) -> bool:
-    """Return True when ``obj`` is an instance of a registered module wrapper (subclasses included)."""
+    """Return True when ``obj`` is an instance of a registered module wrapper (subclasses included).
+
+    Registered means :func:`register_module_wrapper`, or mmengine's
+    ``MODEL_WRAPPERS`` / mmcv's ``MODULE_WRAPPERS`` (child registries included)
+    when that package is imported already.
+    """
     return _wrapper_attr(obj) is not None
 
 
@@ -188,9 +201,26 @@ def get_state_dict(module: nn.Module, destination: Optional[Dict[str, Any]] = No
     return destination
 
 
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        items = [(k, _to_cpu(v)) for k, v in value.items()]
+        return OrderedDict(items) if isinstance(value, OrderedDict) else dict(items)
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    if isinstance(value, tuple):
+        moved = [_to_cpu(v) for v in value]
+        return type(value)(*moved) if hasattr(value, "_fields") else tuple(moved)
+    return value
+
+
 def weights_to_cpu(state_dict: Mapping[str, Any]) -> "OrderedDict[str, Any]":
-    """Return a copy of ``state_dict`` with every tensor moved to the CPU (metadata kept)."""
-    out = OrderedDict((k, v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in state_dict.items())
+    """Return a copy of ``state_dict`` with every tensor moved to the CPU (metadata kept).
+
+    Tensors nested in dicts, lists and tuples move too, as mmengine's ``weights_to_cpu`` does.
+    """
+    out = OrderedDict((k, _to_cpu(v)) for k, v in state_dict.items())
     if hasattr(state_dict, "_metadata"):
         out._metadata = state_dict._metadata  # type: ignore[attr-defined]
     return out

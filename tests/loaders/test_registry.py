@@ -92,10 +92,16 @@ def test_register_as_call_and_decorator_and_duplicates(registry):
     assert registry.load_checkpoint("http://example.invalid/x.pth") == "mine"
 
 
-@pytest.mark.parametrize("bad", ["", [], [""], [None], 3])
+@pytest.mark.parametrize("bad", [[], [None], 3, r"(\S+:s3://"])
 def test_bad_prefixes_are_rejected(registry, bad):
     with pytest.raises(TypeError):
         registry.register_scheme(bad, lambda filename, map_location=None: None)
+
+
+def test_empty_prefix_is_the_local_fallback_and_protected(registry):
+    with pytest.raises(KeyError, match="force=True"):
+        registry.register_scheme("", lambda filename, map_location=None: None)
+    assert registry.get_loader("relative/x.pth") is load_from_local
 
 
 def test_loader_must_be_callable(registry):
@@ -132,8 +138,10 @@ def test_loader_receives_only_the_keywords_it_accepts(registry):
         return {}
     registry.register_scheme("min://", minimal)
     registry.register_scheme("greedy://", greedy)
-    registry.load_checkpoint("min://x", "cpu", trust_pickle=True, check_hash=False)
+    registry.load_checkpoint("min://x", "cpu", trust_pickle=True)  # a framework keyword: dropped
     assert seen["args"] == ("min://x", "cpu")
+    with pytest.raises(TypeError, match="check_hash"):  # an option the loader does not declare
+        registry.load_checkpoint("min://x", "cpu", check_hash=False)
     registry.load_checkpoint("greedy://x", trust_pickle=True, check_hash=False)
     assert seen["kwargs"] == {"trust_pickle": True, "check_hash": False}
 

@@ -1,5 +1,6 @@
 """save_checkpoint / load_checkpoint / load_checkpoint_with_prefix (issue 2)."""
 import io
+import logging
 import os
 import pickle
 
@@ -157,12 +158,16 @@ class _Canary:
         return (open, (self.path, "w"))
 
 
-def test_unsafe_pickle_is_rejected_and_never_runs(tmp_path):
+def test_unsafe_pickle_is_rejected_and_never_runs(tmp_path, caplog):
     canary = tmp_path / "canary"
     path = tmp_path / "evil.pth"
-    torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": _Canary(str(canary))}, path)
+    torch.save({"state_dict": {"weight": torch.zeros(1, 1)}, "payload": _Canary(str(canary))}, path)
     with pytest.raises(UnsafeCheckpointError, match="trust_pickle=True"):
-        ckptmgr.load_checkpoint(nn.Linear(1, 1), str(path))
+        ckptmgr.CheckpointLoader.load_checkpoint(str(path))
+    # Only the weights are wanted: the payload is skipped (named in a warning), never run.
+    with caplog.at_level(logging.WARNING, logger="ckptmgr"):
+        ckpt = ckptmgr.load_checkpoint(nn.Linear(1, 1), str(path), logger="silent")
+    assert "payload" not in ckpt and any("payload" in r.getMessage() for r in caplog.records)
     raw = tmp_path / "raw.pkl"
     raw.write_bytes(pickle.dumps({"state_dict": _Canary(str(canary))}))
     with pytest.raises(UnsafeCheckpointError):

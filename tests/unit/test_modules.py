@@ -104,7 +104,7 @@ def test_register_custom_wrapper():
             pass
         assert ckptmgr.is_module_wrapper(Sub(model))
         with pytest.raises(TypeError):
-            ckptmgr.register_module_wrapper(int)
+            ckptmgr.register_module_wrapper(42)  # any class is accepted (as upstream), not an instance
     finally:
         from ckptmgr.state import modules
         modules._WRAPPERS.pop(Holder, None)

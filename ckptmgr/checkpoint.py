@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .errors import NoStateDictError, SaveArgumentError
+from .errors import CheckpointFormatError, NoStateDictError, SaveArgumentError
 from .format.checkpoint_file import kind_of, write_checkpoint_file
 from .format.maplocation import MapLocation
 from .format.pickled import skip_pickled

@@ -167,7 +167,7 @@ def register_loaders(*, trust_pickle: bool = False, replace_builtins: bool = Tru
 
     register(re.escape(SCHEME), load_from_ckptmgr)
     bridge = _bridge(trust_pickle)
-    prefixes = [p for p in CheckpointLoader.registered_schemes() if p != "file://"]
+    prefixes = [p for p in CheckpointLoader.registered_schemes() if isinstance(p, str) and p != "file://"]
     for prefix in prefixes:
         register(prefix if prefix in table else re.escape(prefix), bridge)
     others = _fsspec_protocols(prefixes)

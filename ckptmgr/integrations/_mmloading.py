@@ -167,7 +167,8 @@ def register_loaders(*, trust_pickle: bool = False, replace_builtins: bool = Tru
 
     register(re.escape(SCHEME), load_from_ckptmgr)
     bridge = _bridge(trust_pickle)
-    prefixes = [p for p in CheckpointLoader.registered_schemes() if isinstance(p, str) and p != "file://"]
+    local = ("", "file://")  # local paths stay mmengine's: its own checkpoints need its pickle
+    prefixes = [p for p in CheckpointLoader.registered_schemes() if isinstance(p, str) and p not in local]
     for prefix in prefixes:
         register(prefix if prefix in table else re.escape(prefix), bridge)
     others = _fsspec_protocols(prefixes)

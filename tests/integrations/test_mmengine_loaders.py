@@ -87,7 +87,7 @@ def test_scheme_order_and_what_stays_mmengines():
     assert _loader_name("gs://b/model.pth") == "load_from_ckptmgr_registry"          # any fsspec protocol
     assert _loader_name("torchvision://resnet18") == "load_from_ckptmgr_registry"
     assert _loader_name("open-mmlab://resnet50_v1c") == "load_from_ckptmgr_registry"
-    assert _loader_name("open-mmlab:s3://b/model.pth") == "load_from_ceph"            # petrel keeps its own
+    assert _loader_name("open-mmlab:s3://b/model.pth") == "load_from_ckptmgr_registry"  # cluster names: s3fs
     assert _loader_name("pavi://model") == "load_from_pavi"
     assert _loader_name("/local/model.pth") == "load_from_local"
 

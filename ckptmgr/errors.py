@@ -14,7 +14,8 @@ __all__ = [
     "CorruptCheckpointError", "ChecksumError", "UnsafeCheckpointError",
     "KeyMismatchError", "CheckpointFormatError", "UnknownSchemeError",
     "MissingDependencyError", "StorageError", "DownloadError",
-    "DistributedError", "UnserializableStateError", "DirectoryInUseError",
+    "DistributedError", "UnserializableStateError", "DirectoryInUseError", "SignatureError",
+    "WriteConflictError",
 ]
 
 
@@ -123,3 +124,21 @@ class DirectoryInUseError(CheckpointError, RuntimeError):
 
     default_hint = ("two jobs must not save into one directory: stop the other job, or give this one its own "
                     "directory")
+
+
+class SignatureError(CorruptCheckpointError):
+    """A signing key was given and a step's manifest is unsigned, signed with another key, or altered.
+
+    It derives from :class:`CorruptCheckpointError`, so restoring the latest
+    step skips such a step as it skips a damaged one.
+    """
+
+    default_hint = ("restore only steps your own job signed: pass the key they were signed with "
+                    "(signing_key= or CKPTMGR_SIGNING_KEY), or restore another step; a step that fails the check "
+                    "was written by another job or changed after it was written")
+
+
+class WriteConflictError(StorageError, FileExistsError):
+    """A conditional write lost: another writer created or changed the object first."""
+
+    default_hint = "another job wrote to the same place at the same moment; only one job may save into a directory"

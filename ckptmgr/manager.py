@@ -24,6 +24,7 @@ from .distributed import agree
 from .errors import CheckpointError
 from .faults import fault_point
 from .format.maplocation import MapLocation
+from .format.signing import load_key
 from .io.access import open_store
 from .io.store import Options, Store
 from .retention import best_of, build_policy, steps_to_delete
@@ -87,18 +88,21 @@ class CheckpointManager:
             always; False: never. Sharded saves write model and optimizer state
             from every rank with torch.distributed.checkpoint (see
             :mod:`ckptmgr.sharded`), inside the same commit protocol; restore
-            reshards to any number of ranks. Its metadata is a pickle, checked
-            against the manifest before it is read: sharded checkpoints are only
-            as trustworthy as their source.
+            reshards to any number of ranks. Its metadata is a pickle, read only
+            with an allowlist unpickler (:mod:`ckptmgr.sharded.safe_pickle`).
+        signing_key: Sign every manifest (HMAC-SHA256, files checksummed with
+            sha256), and restore only steps signed with this key: bytes, or a key
+            file path; None: ``CKPTMGR_SIGNING_KEY`` if set; False: no key.
 
     Raises:
-        ValueError: an argument is out of range (see :func:`ckptmgr.retention.build_policy`).
+        ValueError: an argument is out of range (see :func:`ckptmgr.retention.build_policy`), or the key is short.
         UnknownSchemeError: ``directory`` is a URL of a protocol fsspec does not know.
     """
 
     def __init__(self, directory: Any, max_to_keep: Optional[int] = 5, keep_every_n_steps: Optional[int] = None,
                  best_metric: Optional[str] = None, best_mode: str = "min", keep_best: int = 0,
-                 async_save: bool = False, storage_options: Options = None, sharded: Any = "auto") -> None:
+                 async_save: bool = False, storage_options: Options = None, sharded: Any = "auto",
+                 signing_key: Any = None) -> None:
         self.store: Store = open_store(os.fspath(directory), storage_options)
         self.directory: str = self.store.root
         self.best_metric = best_metric
@@ -107,6 +111,7 @@ class CheckpointManager:
         self.storage_options = storage_options
         self.async_save = bool(async_save)
         self.formats = Formats(sharded)
+        self.signing_key = load_key(signing_key)
         self.sharded = self.formats.setting
         self.index = StepIndex(self.store)
         self._index_lock = threading.RLock()  # the background writer updates the index too
@@ -216,8 +221,8 @@ class CheckpointManager:
                           group: Any) -> str:
         """Write, commit (manifest last), retain: the part an async save runs in the background."""
         final, manifest = save_step(self.store, self._protocol, fmt, snapshot, error=error, force=force,
-                                    group=group, before_prepare=self._prepare_directory,
-                                    before_commit=self._owner.check)
+                                    group=group, before_prepare=lambda: self._prepare_directory(snapshot.step),
+                                    before_commit=self._owner.check, signing_key=self.signing_key)
         if manifest is not None:  # rank 0
             with self._index_lock:
                 self.index.add(snapshot.step, manifest.metrics)
@@ -226,13 +231,13 @@ class CheckpointManager:
             self._apply_retention(snapshot.step)
         return self.store.uri(final)
 
-    def _prepare_directory(self) -> None:
+    def _prepare_directory(self, step: int) -> None:
         """Rank 0, before a save's plan: claim the directory and remove crashed saves' leftovers."""
         self._reclaimer.wait()  # the previous retention's deletes are finished before we list
         self._owner.claim()  # before cleaning: never tidy away another job's in-flight save
-        with self._index_lock:
+        with self._index_lock:  # nor what another job writes for this very step (it may commit first)
             self.index.refresh()
-            self._protocol.clean_leftovers(self.index.names, self.index.uncommitted)
+            self._protocol.clean_leftovers(self.index.names, [s for s in self.index.uncommitted if s != step])
 
     def _apply_retention(self, saved: int) -> None:
         """Uncommit what the policy drops (rank 0, after the commit; failures only logged)."""
@@ -296,6 +301,7 @@ class CheckpointManager:
         Raises:
             CheckpointNotFoundError: ``step`` is not committed.
             ChecksumError, CorruptCheckpointError: ``step`` is damaged, or every checkpoint is.
+            SignatureError: a key is set and ``step`` (or every step) is not signed with it.
             KeyMismatchError: ``strict`` and the model does not match.
             CheckpointFormatError: an object passed has no saved state (``strict``) or other names.
         """
@@ -309,7 +315,8 @@ class CheckpointManager:
             with self._index_lock:
                 return list(self.index.refresh())
         found = agree_on_step(self.store, self.formats, objs, step, candidates, verify=verify,
-                              map_location=map_location, in_place=in_place and map_location in (None, "cpu"))
+                              map_location=map_location, in_place=in_place and map_location in (None, "cpu"),
+                              signing_key=self.signing_key)
         if found is None:
             return None
         chosen, fmt, loaded = found
@@ -373,12 +380,12 @@ def resume_from_latest(directory: Any, *, model: nn.Module, optimizer: Any = Non
         directory: A manager directory (local path or URL).
         model, optimizer, scheduler, scaler: Objects to restore.
         **kwargs: ``extra``, ``strict``, ``verify``, ``map_location`` (see
-            :meth:`CheckpointManager.restore`) and ``storage_options``.
+            :meth:`CheckpointManager.restore`), ``storage_options`` and ``signing_key``.
 
     Returns:
         Restored step + 1, or 0 when nothing is committed yet.
     """
-    options = kwargs.pop("storage_options", None)
-    with CheckpointManager(directory, max_to_keep=None, storage_options=options) as manager:
+    options, key = kwargs.pop("storage_options", None), kwargs.pop("signing_key", None)
+    with CheckpointManager(directory, max_to_keep=None, storage_options=options, signing_key=key) as manager:
         restored = manager.restore(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, **kwargs)
     return 0 if restored is None else restored.step + 1

@@ -4,7 +4,8 @@
 "runs/exp1/step_00000100")`` should work like loading a file: the step layer
 finds the step (the newest good one for a manager directory) and checks the
 weights and meta files against its manifest; this module only tells a step
-directory from a manager directory.
+directory from a manager directory. With ``CKPTMGR_SIGNING_KEY`` set, only
+steps signed with that key load.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import logging
 from typing import Any, Dict
 
 from ..format.maplocation import MapLocation
+from ..format.signing import load_key
 from ..io.access import open_store
 from ..io.store import Options
 from ..step.load import load_latest_weights, load_weights
@@ -39,11 +41,13 @@ def load_manager_checkpoint(uri: str, map_location: MapLocation = None,
     Raises:
         CheckpointNotFoundError: no committed checkpoint there.
         CorruptCheckpointError: the step (or, for a manager directory, every step) is damaged.
+        SignatureError: ``CKPTMGR_SIGNING_KEY`` is set and the step (every step) is not signed with it.
     """
     uri = str(uri)
     trimmed = uri.rstrip("/") or uri
     store = open_store(trimmed, storage_options)
     step = parse_step_name(trimmed.rsplit("/", 1)[-1])
+    key = load_key(None)
     if step is not None:
-        return load_weights(store, step, map_location)
-    return load_latest_weights(store, map_location)
+        return load_weights(store, step, map_location, key)
+    return load_latest_weights(store, map_location, key)

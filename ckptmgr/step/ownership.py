@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -44,6 +45,8 @@ __all__ = ["LOCK_NAME", "OWNER_NAME", "DirectoryOwner"]
 
 LOCK_NAME = ".ckptmgr.lock"
 OWNER_NAME = ".ckptmgr-owner.json"
+#: The temp file of an interrupted write of the local owner record (LocalStore.atomic_write's naming).
+_OWNER_TEMP = re.compile(r"^\." + re.escape(OWNER_NAME) + r"\.[A-Za-z0-9_]+\.tmp$")
 
 
 class DirectoryOwner:
@@ -130,6 +133,9 @@ class DirectoryOwner:
             raise DirectoryInUseError(f"{self.directory} is in use by {self._describe(self._read_owner())}{ending}") \
                 from None
         self._lock = lock
+        for name in self.store.listdir():  # a job killed while writing its record left this; we hold the lock
+            if _OWNER_TEMP.match(name):
+                self.store.remove(name)
         self._write_owner()
 
     def check(self) -> None:

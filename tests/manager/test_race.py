@@ -110,3 +110,26 @@ def test_with_a_plain_manifest_put_the_same_race_commits_twice(s3, monkeypatch):
     interleave.install(monkeypatch)
     outcome = _race(f"{s3}/control", 1, interleave)
     assert sorted(kind for kind, _ in outcome.values()) == ["won", "won"], outcome
+
+
+def test_lease_takeover_is_a_compare_and_swap(s3):
+    """Two jobs claiming at the same moment: the one whose read is stale by the time it writes is refused."""
+    from ckptmgr.io.access import open_store
+    from ckptmgr.step.ownership import OWNER_NAME, DirectoryOwner
+    store = open_store(f"{s3}/lease")
+    old = DirectoryOwner(store)
+    old.claim()                                   # a job that ran before: B and A both take over from it
+    a, b = DirectoryOwner(open_store(f"{s3}/lease")), DirectoryOwner(open_store(f"{s3}/lease"))
+    read = a.store.read_tagged
+
+    def read_then_b_claims(name):
+        got = read(name)
+        b.claim()                                 # B reads the same version and writes first
+        return got
+    a.store.read_tagged = read_then_b_claims
+    with pytest.raises(DirectoryInUseError, match="at the same moment"):
+        a.claim()
+    b.check()                                     # B holds the lease; A never wrote over it
+    assert b.token.encode() in store.read_bytes(OWNER_NAME)
+    with pytest.raises(DirectoryInUseError):
+        old.check()

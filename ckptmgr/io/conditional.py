@@ -79,6 +79,10 @@ def _probe(store: Any) -> bool:
         except FileExistsError:  # only a retry of our own landed PUT can find the new name taken
             if _read_or_none(store, name) != mine:
                 raise
+        except OSError as exc:  # a server that rejects the header (400, 501), or storage that fails
+            store.fs.pipe_file(path, mine)  # raises too when it is the storage
+            logger.info("conditional create refused by the server: %s", exc)
+            return False
         try:
             store.fs.pipe_file(path, b"second", mode="create")
         except FileExistsError:

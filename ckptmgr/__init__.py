@@ -16,6 +16,7 @@ from .errors import (
                      DownloadError,
                      KeyMismatchError,
                      MissingDependencyError,
+                     SignatureError,
                      StorageError,
                      UnknownSchemeError,
                      UnsafeCheckpointError,
@@ -46,5 +47,5 @@ __all__ = [
     "CheckpointError", "CheckpointNotFoundError", "CheckpointExistsError", "CorruptCheckpointError",
     "ChecksumError", "UnsafeCheckpointError", "KeyMismatchError", "CheckpointFormatError",
     "UnknownSchemeError", "MissingDependencyError", "StorageError", "DownloadError", "DistributedError",
-    "UnserializableStateError", "DirectoryInUseError",
+    "UnserializableStateError", "DirectoryInUseError", "SignatureError",
 ]

@@ -218,23 +218,30 @@ class ManifestLastCommit(CommitProtocol):
     def commit(self, plan: WritePlan, manifest: Manifest) -> None:
         self.check_visible(plan, manifest)
         fault_point("save.before_manifest")
-        name = f"{plan.final}/{MANIFEST_NAME}"
+        name, data = f"{plan.final}/{MANIFEST_NAME}", manifest.to_bytes()
         if plan.replace:  # a forced save: one PUT swaps the revisions
-            self.store.write_bytes(name, manifest.to_bytes())
+            self.store.write_bytes(name, data)
         else:
             try:
-                self.store.create_exclusive(name, manifest.to_bytes())
+                self.store.create_exclusive(name, data)
             except WriteConflictError as exc:
                 raise CheckpointExistsError(
                     f"step {manifest.step} was committed in {self.store.root} by another job while this save wrote "
                     "it; this save is not committed",
                     "two jobs must not save into one directory: stop one of them") from exc
         fault_point("save.after_manifest")  # the manifest PUT is the commit
-        if plan.prefix:  # a replaced revision, or files of a save that crashed or lost, are unreferenced now
-            keep = set(manifest.files) | {MANIFEST_NAME}
-            for name in self.store.list_files(plan.final):
-                if name not in keep:
-                    _quietly(self.store.remove, f"{plan.final}/{name}")
+        if plan.prefix:
+            _quietly(self._sweep, plan.final, manifest, data)
+
+    def _sweep(self, final: str, manifest: Manifest, data: bytes) -> None:
+        """Remove what a committed step's manifest does not list: a replaced revision, files of saves that
+        crashed or lost the commit (unless another job's forced save replaced ours meanwhile)."""
+        if self.store.read_bytes(f"{final}/{MANIFEST_NAME}") != data:
+            return
+        keep = set(manifest.files) | {MANIFEST_NAME}
+        for name in self.store.list_files(final):
+            if name not in keep:
+                _quietly(self.store.remove, f"{final}/{name}")
 
     def abort(self, plan: WritePlan) -> None:
         def remove(target: str) -> None:

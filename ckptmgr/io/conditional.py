@@ -22,6 +22,7 @@ our write is the one that landed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import threading
 import uuid
@@ -69,6 +70,11 @@ def supported(store: Any) -> bool:
         return _probed[key]
 
 
+def _rejected(exc: OSError) -> bool:
+    """True for s3fs's translation of a 400 (invalid argument) or 501 (not implemented) answer."""
+    return exc.errno in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
 def _probe(store: Any) -> bool:
     name = f".ckptmgr-probe-{uuid.uuid4().hex}"
     path = store.fs_path(name)
@@ -79,15 +85,19 @@ def _probe(store: Any) -> bool:
         except FileExistsError:  # only a retry of our own landed PUT can find the new name taken
             if _read_or_none(store, name) != mine:
                 raise
-        except OSError as exc:  # a server that rejects the header (400, 501), or storage that fails
-            store.fs.pipe_file(path, mine)  # raises too when it is the storage
+        except OSError as exc:
+            if not _rejected(exc):
+                raise
+            store.fs.pipe_file(path, mine)  # a plain PUT works: it was the header the server refused
             logger.info("conditional create refused by the server: %s", exc)
             return False
         try:
             store.fs.pipe_file(path, b"second", mode="create")
         except FileExistsError:
             return True
-        except OSError as exc:  # 400 or 501: the server rejects the header
+        except OSError as exc:
+            if not _rejected(exc):
+                raise  # a network failure is not an answer; the next save probes again
             logger.info("conditional create refused by the server: %s", exc)
             return False
         return False  # the header was ignored: the second create overwrote the first

@@ -108,3 +108,32 @@ def test_memory_store_has_no_conditional_writes_but_checks(tmp_path):
     with pytest.raises(WriteConflictError):
         store.replace_if("x", b"4", tag)
     assert store.read_bytes("x") == b"3"
+
+
+def test_s3_endpoint_that_rejects_the_header_falls_back(moto_server, monkeypatch):
+    """A server that answers 501 NotImplemented to a conditional PUT is detected too; saves still work."""
+    import s3fs
+    from aiobotocore.awsrequest import AioAWSResponse
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": moto_server}.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"reject-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
+    store = open_store(f"s3://{bucket}/run", {"skip_instance_cache": True})
+    body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NotImplemented</Code>'
+            b"<Message>A header you provided implies functionality that is not implemented</Message></Error>")
+
+    class _Raw:
+        async def read(self):
+            return body
+
+    def reject(request, **_):  # what such a server answers
+        if "If-None-Match" in request.headers:
+            return AioAWSResponse(request.url, 501, {"Content-Type": "application/xml"}, _Raw())
+        return None
+    store.fs.s3.meta.events.register("before-send.s3.PutObject", reject)
+    assert not store.conditional_writes()
+    store.create_exclusive("m.json", b"one")
+    assert store.read_bytes("m.json") == b"one"
+    with pytest.raises(WriteConflictError):
+        store.create_exclusive("m.json", b"two")

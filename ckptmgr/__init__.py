@@ -17,6 +17,7 @@ from .errors import (
                      FrozenParametersError,
                      KeyMismatchError,
                      MissingDependencyError,
+                     SignatureError,
                      StorageError,
                      UnknownSchemeError,
                      UnsafeCheckpointError,
@@ -51,4 +52,5 @@ __all__ = [
     "ChecksumError", "UnsafeCheckpointError", "KeyMismatchError", "CheckpointFormatError",
     "UnknownSchemeError", "MissingDependencyError", "StorageError", "DownloadError", "DistributedError",
     "UnserializableStateError", "DirectoryInUseError", "FrozenParametersError", "WorldSizeChangedError",
+    "SignatureError",
 ]

@@ -16,7 +16,7 @@ __all__ = [
     "MissingDependencyError", "StorageError", "DownloadError",
     "DistributedError", "UnserializableStateError", "DirectoryInUseError", "FrozenParametersError",
     "WorldSizeChangedError", "PrefixNotFoundError", "NoStateDictError", "SaveArgumentError", "BackendArgumentError",
-    "UnexpectedKeywordError",
+    "UnexpectedKeywordError", "SignatureError", "WriteConflictError",
 ]
 
 
@@ -182,3 +182,21 @@ class WorldSizeChangedError(CheckpointError, RuntimeError):
 
     default_hint = ("restore with the number of ranks that saved it, or pass on_world_size_change='skip' to "
                     "restore everything else and leave rank_state as it is")
+
+
+class SignatureError(CorruptCheckpointError):
+    """A signing key was given and a step's manifest is unsigned, signed with another key, or altered.
+
+    It derives from :class:`CorruptCheckpointError`, so restoring the latest
+    step skips such a step as it skips a damaged one.
+    """
+
+    default_hint = ("restore only steps your own job signed: pass the key they were signed with "
+                    "(signing_key= or CKPTMGR_SIGNING_KEY), or restore another step; a step that fails the check "
+                    "was written by another job or changed after it was written")
+
+
+class WriteConflictError(StorageError, FileExistsError):
+    """A conditional write lost: another writer created or changed the object first."""
+
+    default_hint = "another job wrote to the same place at the same moment; only one job may save into a directory"

@@ -14,9 +14,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-from .errors import CheckpointError, CheckpointFormatError, CheckpointNotFoundError, DirectoryInUseError
+from .errors import CheckpointError, CheckpointFormatError, CheckpointNotFoundError, DirectoryInUseError, SignatureError
 from .format.checksum import HashingReader
 from .format.manifest import MANIFEST_NAME, Manifest
+from .format.signing import SigningKey
 from .io.access import open_store
 from .io.store import Options, Store
 from .retention import AnyOf, CheckpointInfo, KeepAll, KeepBest, KeepEvery, KeepLast, Policy, steps_to_delete
@@ -116,12 +117,14 @@ class StepCheck:
     ``status`` is ``'checked'``, ``'file'`` for a single file checked against
     the hash in its name, or, for an entry :func:`verify` did not check, its
     :class:`DirEntry` status (``'uncommitted'``, ``'temporary'``, ``'replaced'``).
+    ``signed_by`` is the key id whose signature was checked and held ('' when no key was given).
     """
 
     uri: str
     manifest: Optional[Manifest]
     problems: List[str]
     status: str = "checked"
+    signed_by: str = ""
 
     @property
     def ok(self) -> bool:
@@ -129,8 +132,8 @@ class StepCheck:
         return not self.problems and (self.manifest is not None or self.status == "file")
 
 
-def check_step(step_uri: Any, storage_options: Options = None) -> StepCheck:
-    """Check a step directory byte for byte against its manifest.
+def check_step(step_uri: Any, storage_options: Options = None, signing_key: Optional[SigningKey] = None) -> StepCheck:
+    """Check a step directory byte for byte against its manifest (and its signature, given a key).
 
     Unlike a restore, it does not stop at the first bad file: every listed file
     is checked for presence, size and checksum.
@@ -146,6 +149,13 @@ def check_step(step_uri: Any, storage_options: Options = None) -> StepCheck:
     except CheckpointError as exc:
         return StepCheck(store.root, None, [f"{MANIFEST_NAME}: {exc.message}"])
     problems: List[str] = []
+    signed_by = ""
+    if signing_key is not None:
+        try:
+            signing_key.check(manifest, MANIFEST_NAME)
+            signed_by = signing_key.key_id
+        except SignatureError as exc:
+            problems.append(exc.message)
     named = parse_step_name(store.root.rstrip("/").rsplit("/", 1)[-1])
     if named is not None and named != manifest.step:
         problems.append(f"{MANIFEST_NAME}: records step {manifest.step}, but the directory is step {named}")
@@ -165,14 +175,15 @@ def check_step(step_uri: Any, storage_options: Options = None) -> StepCheck:
             problems.append(f"{name}: {got.size} bytes, the manifest recorded {want.size}")
         elif got.sha256 != want.sha256:
             problems.append(f"{name}: sha256 {got.sha256[:16]}... differs from the manifest's {want.sha256[:16]}...")
-    return StepCheck(store.root, manifest, problems)
+    return StepCheck(store.root, manifest, problems, signed_by=signed_by)
 
 
-def verify(uri: str, storage_options: Options = None) -> List[StepCheck]:
+def verify(uri: str, storage_options: Options = None, signing_key: Optional[SigningKey] = None) -> List[StepCheck]:
     """Check a step directory, every step of a manager directory, or a file named ``NAME-<sha256 prefix>.ext``.
 
     Entries of a manager directory that are not committed (a crashed save's
     leftovers) are reported with their status, not checked: resume never uses them.
+    With ``signing_key`` a step whose manifest is not signed with it is a problem.
 
     Raises:
         CheckpointNotFoundError: nothing there, or a directory without checkpoints.
@@ -182,11 +193,11 @@ def verify(uri: str, storage_options: Options = None) -> List[StepCheck]:
     if is_manager_path(uri, storage_options):
         store = open_store(uri, storage_options)
         if is_step_dir(uri):
-            return [check_step(store)]
+            return [check_step(store, signing_key=signing_key)]
         entries = scan_directory(store)
         if not entries:
             raise CheckpointNotFoundError(f"{uri} holds no checkpoints", "pass a CheckpointManager directory")
-        return [check_step(store.sub(e.name)) if e.status in ("committed", "damaged")
+        return [check_step(store.sub(e.name), signing_key=signing_key) if e.status in ("committed", "damaged")
                 else StepCheck(store.uri(e.name), None, [], e.status) for e in entries]
     from .hub.cache import hash_prefix
     prefix = hash_prefix(uri)

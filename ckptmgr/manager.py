@@ -22,6 +22,7 @@ from .distributed import agree
 from .errors import CheckpointError
 from .faults import fault_point
 from .format.maplocation import MapLocation
+from .format.signing import load_key
 from .io.access import open_store
 from .io.store import Options, Store
 from .retention import best_of, build_policy, uncommit_dropped
@@ -89,23 +90,26 @@ class CheckpointManager:
             False: never (an error for FSDP). Sharded saves write model and optimizer state
             from every rank with torch.distributed.checkpoint (see
             :mod:`ckptmgr.sharded`), inside the same commit protocol; restore
-            reshards to any number of ranks. Its metadata is a pickle, checked
-            against the manifest before it is read: sharded checkpoints are only
-            as trustworthy as their source.
+            reshards to any number of ranks. Its metadata is a pickle, read only
+            with an allowlist unpickler (:mod:`ckptmgr.sharded.safe_pickle`).
         save_frozen: False: plain saves hold only parameters with ``requires_grad=True`` and buffers; the
             manifest records the names and shapes left out, and restore checks the model's against them.
         init_from, init_revise_keys: Warm start (:mod:`ckptmgr.warmstart`): while nothing is committed, ``restore``
             loads the model weights from this URI (keys renamed by the rules; mismatches logged) and returns None.
+        signing_key: Sign every manifest (HMAC-SHA256, files checksummed with
+            sha256), and restore only steps signed with this key: bytes, or a key
+            file path; None: ``CKPTMGR_SIGNING_KEY`` if set; False: no key.
 
     Raises:
-        ValueError: an argument is out of range (see :func:`ckptmgr.retention.build_policy`).
+        ValueError: an argument is out of range (see :func:`ckptmgr.retention.build_policy`), or the key is short.
         UnknownSchemeError: ``directory`` is a URL of a protocol fsspec does not know.
     """
 
     def __init__(self, directory: Any, max_to_keep: Optional[int] = 5, keep_every_n_steps: Optional[int] = None,
                  best_metric: Optional[str] = None, best_mode: str = "min", keep_best: int = 0,
                  async_save: bool = False, storage_options: Options = None, sharded: Any = "auto",
-                 save_frozen: bool = True, init_from: Any = None, init_revise_keys: Any = DEFAULT_REVISE_KEYS) -> None:
+                 save_frozen: bool = True, init_from: Any = None, init_revise_keys: Any = DEFAULT_REVISE_KEYS,
+                 signing_key: Any = None) -> None:
         self.store: Store = open_store(os.fspath(directory), storage_options)
         self.directory: str = self.store.root
         self.best_metric = best_metric
@@ -115,6 +119,7 @@ class CheckpointManager:
         self.async_save = bool(async_save)
         self.formats = Formats(sharded, save_frozen)
         self.init_from = None if init_from is None else WarmStart.of(init_from, init_revise_keys, storage_options)
+        self.signing_key = load_key(signing_key)
         self.sharded = self.formats.setting
         self.index = StepIndex(self.store)
         self._index_lock = threading.RLock()  # the background writer updates the index too
@@ -225,8 +230,8 @@ class CheckpointManager:
                           group: Any) -> str:
         """Write, commit (manifest last), retain: the part an async save runs in the background."""
         final, manifest = save_step(self.store, self._protocol, fmt, snapshot, error=error, force=force,
-                                    group=group, before_prepare=self._prepare_directory,
-                                    before_commit=self._owner.check)
+                                    group=group, before_prepare=lambda: self._prepare_directory(snapshot.step),
+                                    before_commit=self._owner.check, signing_key=self.signing_key)
         if manifest is not None:  # rank 0
             with self._index_lock:
                 self.index.add(snapshot.step, manifest.metrics)
@@ -235,13 +240,13 @@ class CheckpointManager:
             self._apply_retention(snapshot.step)
         return self.store.uri(final)
 
-    def _prepare_directory(self) -> None:
+    def _prepare_directory(self, step: int) -> None:
         """Rank 0, before a save's plan: claim the directory and remove crashed saves' leftovers."""
         self._reclaimer.wait()  # the previous retention's deletes are finished before we list
         self._owner.claim()  # before cleaning: never tidy away another job's in-flight save
-        with self._index_lock:
+        with self._index_lock:  # nor what another job writes for this very step (it may commit first)
             self.index.refresh()
-            self._protocol.clean_leftovers(self.index.names, self.index.uncommitted)
+            self._protocol.clean_leftovers(self.index.names, [s for s in self.index.uncommitted if s != step])
 
     def _apply_retention(self, saved: int) -> None:
         """Uncommit what the policy drops (rank 0, after the commit); free their space in the background."""
@@ -299,6 +304,7 @@ class CheckpointManager:
             WorldSizeChangedError: see ``on_world_size_change``.
             CheckpointNotFoundError: ``step`` is not committed.
             ChecksumError, CorruptCheckpointError: ``step`` is damaged, or every checkpoint is.
+            SignatureError: a key is set and ``step`` (or every step) is not signed with it.
             KeyMismatchError: ``strict`` and the model does not match (FrozenParametersError: its frozen part).
             CheckpointFormatError: an object passed has no saved state (``strict``) or other names.
         """
@@ -315,7 +321,7 @@ class CheckpointManager:
                 return list(self.index.refresh())
         found = agree_on_step(self.store, self.formats, objs, step, candidates, verify=verify,
                               map_location=map_location, in_place=in_place and map_location in (None, "cpu"),
-                              on_world_size_change=policy)
+                              on_world_size_change=policy, signing_key=self.signing_key)
         if found is None:
             if step is None and self.init_from is not None:
                 self.init_from.load(model, objs.exclude)

@@ -10,7 +10,10 @@ instant. After each kill this process (a new one, for the directory) checks:
   committed step or the one in flight;
 * every listed step restores, with the values it was saved with;
 * the two newest steps the log says were committed are still listed
-  (retention never deletes a step the policy keeps).
+  (retention never deletes a step the policy keeps);
+* leftovers do not pile up: besides the steps, at most the temporary
+  directory and lease-record temp file of the save just killed remain (the
+  next save removes them).
 
 There is no separate "latest" hint file: the newest committed step directory
 is the latest. The instant between a durable manifest and the rename into
@@ -35,6 +38,9 @@ NAMED = ["save.prepare", "save.write", "save.after_data_file:1", "save.after_dat
          "save.after_data_file:4", "save.before_manifest", "save.after_manifest", "save.after_rename",
          "save.before_manifest:5", "save.after_manifest:5", "retention.after_uncommit", "retention.between_deletes",
          "retention.after_uncommit:2"]
+
+
+_OUTCOMES = {"previous": 0, "new": 0, "idle": 0, "lost_to_retention": 0, "unloadable": 0, "leftovers_piling_up": 0}
 
 
 def _is_dead(pid: int) -> bool:
@@ -71,7 +77,7 @@ class _Run:
         self.directory, self.log = os.path.join(root, "run"), os.path.join(root, "log")
         self.zygote, self.async_save = zygote, async_save
         self.seen, self.latest, self.committed = 0, None, []  # committed: steps the log says ended
-        self.outcomes = {"previous": 0, "new": 0, "idle": 0, "lost_to_retention": 0, "unloadable": 0}
+        self.outcomes = dict(_OUTCOMES)
 
     def round(self, delay: Optional[float] = None, point: Optional[str] = None) -> None:
         env = {"CKPTMGR_FAULT_POINT": point} if point else {}
@@ -102,6 +108,7 @@ class _Run:
         if now not in ({previous, in_flight} - {None}) and not (now is None and previous is None):
             raise AssertionError(f"latest is {now}, expected previous {previous} or new {in_flight}")
         self.outcomes["idle" if in_flight is None else "new" if now == in_flight else "previous"] += 1
+        self._check_leftovers()
         lost = [s for s in sorted(set(self.committed))[-3:] if s not in steps]  # max_to_keep=3 keeps these
         if lost:
             self.outcomes["lost_to_retention"] += 1
@@ -112,6 +119,15 @@ class _Run:
             if got != (want, want):
                 self.outcomes["unloadable"] += 1
                 raise AssertionError(f"step {step} restored as {got}, saved as {want}")
+
+
+    def _check_leftovers(self) -> None:
+        names = os.listdir(self.directory) if os.path.isdir(self.directory) else []
+        temps = [n for n in names if n.startswith((".tmp-", ".old-"))]
+        records = [n for n in names if n.startswith(".") and n.endswith(".tmp") and n not in temps]
+        if len(temps) > 1 or len(records) > 1:
+            self.outcomes["leftovers_piling_up"] += 1
+            raise AssertionError(f"leftovers pile up: {sorted(temps + records)}")
 
 
 def run_kills(n: int, async_save: bool, seed: int = 0) -> Tally:
@@ -133,7 +149,7 @@ def run_named(points: List[str] = NAMED, repeats: int = 1, async_save: bool = Fa
     """A kill at each named fault point (``repeats`` times each), one fresh directory per point."""
     tally = Tally(f"kill -9 at named points ({'async' if async_save else 'sync'})")
     zygote = Zygote()
-    outcomes = {"previous": 0, "new": 0, "idle": 0, "lost_to_retention": 0, "unloadable": 0}
+    outcomes = dict(_OUTCOMES)
     for point in points:
         with tempfile.TemporaryDirectory() as root:
             run = _Run(root, zygote, async_save)

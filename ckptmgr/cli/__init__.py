@@ -45,6 +45,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"ckptmgr {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except UnsafeCheckpointError as exc:
+        if exc.hint != UnsafeCheckpointError.default_hint:  # not a pickle file --trust-pickle could open
+            print(f"ckptmgr {args.command}: error: {exc}", file=sys.stderr)
+            return 1
         print(f"ckptmgr {args.command}: error: {exc.message}. Hint: if you trust this file, add --trust-pickle; "
               f"better, convert it once: ckptmgr convert SRC DST.safetensors --trust-pickle", file=sys.stderr)
         return 1

@@ -122,16 +122,23 @@ def _print_tensors(title: str, table: dict) -> None:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check every file of a step, a manager directory or a hash-named file."""
+    from ..format.signing import load_key
     from ..inventory import verify
-    results = verify(args.path)
+    try:
+        key = load_key(args.key_file)
+    except ValueError as exc:
+        raise UsageError(f"--key-file: {exc}") from None
+    results = verify(args.path, signing_key=key)
     checked = [r for r in results if r.status in ("checked", "file")]
     bad = [r for r in checked if not r.ok]
     if args.json:
         render.print_json({"ok": not bad, "checked": [{"path": r.uri, "status": r.status, "ok": r.ok if r in checked
-                                                       else None, "problems": r.problems} for r in results]})
+                                                       else None, "problems": r.problems,
+                                                       "signed_by": r.signed_by or None} for r in results]})
         return 1 if bad else 0
     for r in results:
         what = f"{len(r.manifest.files)} files" if r.manifest else "sha256 matches its name"
+        what += f", signed with key id {r.signed_by}" if r.signed_by else ""
         print(f"{r.uri}  not committed ({r.status}; resume never uses it)" if r not in checked else
               f"{r.uri}  OK ({what})" if r.ok else f"{r.uri}  DAMAGED")
         for problem in r.problems:

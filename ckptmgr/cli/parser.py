@@ -68,6 +68,8 @@ def build_parser(commands: Any) -> argparse.ArgumentParser:
     p = add("verify", "check sizes and checksums of every file against the manifest (a step directory, "
                       "or every step of a manager directory); exit 1 on damage")
     p.add_argument("path", metavar="PATH_OR_URL")
+    p.add_argument("--key-file", metavar="PATH", help="also check each manifest's signature with this key "
+                                                      "(default: CKPTMGR_SIGNING_KEY when set)")
     p = add("convert", "convert weights: .pth <-> .safetensors, any checkpoint -> one file, or -> a directory of "
                        "safetensors shards with model.safetensors.index.json (the Hugging Face layout)", loads=True)
     p.add_argument("src", metavar="SRC")

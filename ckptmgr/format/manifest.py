@@ -11,6 +11,7 @@ step layer's business.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -46,6 +47,10 @@ class Manifest:
         world_size: Number of ranks that wrote the checkpoint.
         time: ISO-8601 UTC time of the commit.
         format_version: Layout version (readers refuse newer ones).
+        signature: ``{'algorithm', 'key_id', 'hmac'}`` of a signed manifest
+            (see :mod:`ckptmgr.format.signing`), None when unsigned.
+        raw: The JSON fields it was parsed from, unknown ones included (None
+            for a manifest built here); a signature is checked over these.
     """
 
     step: int
@@ -55,14 +60,23 @@ class Manifest:
     world_size: int = 1
     time: str = ""
     format_version: int = FORMAT_VERSION
+    signature: Optional[Dict[str, str]] = None
+    raw: Optional[Dict[str, Any]] = field(default=None, repr=False, compare=False)
 
     def _body(self) -> Dict[str, Any]:
-        return {
+        body = {
             "format": FORMAT, "format_version": self.format_version, "step": self.step,
             "time": self.time, "world_size": self.world_size, "metrics": self.metrics,
             "components": self.components,
             "files": {name: {"size": e.size, "sha256": e.sha256} for name, e in sorted(self.files.items())},
         }
+        if self.signature is not None:  # unsigned manifests stay byte for byte what earlier versions wrote
+            body["signature"] = dict(self.signature)
+        return body
+
+    def content(self) -> Dict[str, Any]:
+        """The JSON fields without the self-checksum: as parsed (unknown fields included), else as built."""
+        return copy.deepcopy(self.raw) if self.raw is not None else self._body()
 
     def to_bytes(self) -> bytes:
         """Serialise, with a sha256 of the canonical body so any changed byte is detected."""
@@ -97,7 +111,8 @@ class Manifest:
             files = {str(n): FileEntry(int(e["size"]), str(e["sha256"])) for n, e in body["files"].items()}
             manifest = cls(step=int(body["step"]), files=files, components=dict(body["components"]),
                            metrics=dict(body.get("metrics") or {}), world_size=int(body.get("world_size", 1)),
-                           time=str(body.get("time", "")), format_version=version)
+                           time=str(body.get("time", "")), format_version=version,
+                           signature=_signature(body.get("signature")), raw=body)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CorruptCheckpointError(f"{source} is malformed: {exc!r}") from exc
         for name, entry in files.items():
@@ -114,6 +129,14 @@ class Manifest:
         """The RNG file written by ``rank``, or None."""
         table = self.components.get("rng") or {}
         return table.get(str(rank)) if isinstance(table, dict) else None
+
+
+def _signature(value: Any) -> Optional[Dict[str, str]]:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ValueError(f"signature must be an object of strings, not {value!r}")
+    return dict(value)
 
 
 def _render(body: Mapping[str, Any]) -> bytes:

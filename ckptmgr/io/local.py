@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from typing import IO, Any, Dict, Iterator, List
 
-from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, StorageError
+from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, StorageError, WriteConflictError
 from .store import Store
 from .uri import local_path
 
@@ -109,6 +109,41 @@ class LocalStore(Store):
                 raise storage_error(path, exc) from exc
             raise
         fsync_dir(directory)
+
+    def create_exclusive(self, name: str, data: bytes) -> None:
+        """Write a small file only if the name is free: a complete, fsynced temp file hard-linked to it.
+
+        ``link`` fails when the target exists, so of two racing writers (processes
+        or hosts on one POSIX filesystem) exactly one succeeds, and the file never
+        appears partly written. Filesystems without hard links fall back to
+        check-then-write.
+
+        Raises:
+            WriteConflictError: the name exists.
+            StorageError: writing failed.
+        """
+        path = self.path(name)
+        tmp = ""
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path))
+            os.fchmod(fd, 0o666 & ~_current_umask())
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.link(tmp, path)
+        except FileExistsError as exc:
+            raise WriteConflictError(f"{path} exists already") from exc
+        except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):  # no hard links here
+                return super().create_exclusive(name, data)
+            raise storage_error(path, exc) from exc
+        finally:
+            if tmp:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        fsync_dir(os.path.dirname(path))
 
     def exists(self, name: str = "") -> bool:
         return os.path.exists(self.path(name))

@@ -6,16 +6,18 @@ finished without error, otherwise discarded, so nothing half-written ever
 appears. Other fsspec filesystems (``memory://``, ...) write a temp name
 beside the target, then ``mv``. Errors the client raises after its own
 retries become :class:`~ckptmgr.errors.StorageError`; the caller's own
-exceptions pass through unchanged.
+exceptions pass through unchanged. On S3 the conditional writes of
+:class:`~ckptmgr.io.store.Store` are S3's own (:mod:`.conditional`).
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import uuid
-from typing import IO, Any, Dict, Iterator, List, Tuple
+from typing import IO, Any, Dict, Iterator, List, Optional, Tuple
 
 from ..errors import CheckpointError, CheckpointNotFoundError, MissingDependencyError, StorageError, UnknownSchemeError
+from . import conditional
 from .local import storage_error
 from .store import Options, Store
 from .uri import OBJECT_STORES, join, split_protocol
@@ -140,9 +142,11 @@ class FsspecStore(Store):
 
     @contextlib.contextmanager
     def open_read(self, name: str = "") -> Iterator[IO[bytes]]:
-        uri = self.uri(name)
+        uri, path = self.uri(name), self.fs_path(name)
+        # s3fs reads with If-Match on the ETag it listed; an object replaced since then must be read afresh
+        self.fs.invalidate_cache(path)
         try:
-            fh = self.fs.open(self.fs_path(name), "rb")
+            fh = self.fs.open(path, "rb")
         except FileNotFoundError as exc:
             raise CheckpointNotFoundError(f"no such file: {uri}") from exc
         except IsADirectoryError as exc:
@@ -193,6 +197,35 @@ class FsspecStore(Store):
             if isinstance(exc, Exception) and _from_client(exc):
                 raise remote_error(uri, exc) from exc
             raise  # the caller's own error (the body of the with-block) passes through unchanged
+
+    def conditional_writes(self) -> bool:
+        """True on S3 buckets that honour ``If-None-Match``/``If-Match`` (probed once per endpoint and bucket)."""
+        return bool(self._client_call("", conditional.supported))
+
+    def _client_call(self, name: str, func: Any, *args: Any) -> Any:
+        """``func(self, *args)``; what the client raises after its retries becomes a StorageError about ``name``."""
+        try:
+            return func(self, *args)
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise remote_error(self.uri(name), exc) from exc
+
+    def create_exclusive(self, name: str, data: bytes) -> None:
+        if not self.conditional_writes():
+            return super().create_exclusive(name, data)
+        self._client_call(name, conditional.create, name, data)
+
+    def read_tagged(self, name: str) -> Tuple[Optional[bytes], Optional[str]]:
+        if not self.conditional_writes():
+            return super().read_tagged(name)
+        data, tag = self._client_call(name, conditional.read_tagged, name)
+        return data, tag
+
+    def replace_if(self, name: str, data: bytes, tag: Optional[str]) -> None:
+        if not self.conditional_writes():
+            return super().replace_if(name, data, tag)
+        self._client_call(name, conditional.replace_if, name, data, tag)
 
     def exists(self, name: str = "") -> bool:
         return bool(self.fs.exists(self.fs_path(name)))

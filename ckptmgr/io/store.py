@@ -8,14 +8,25 @@ step layer how a directory of files becomes visible at once (``"rename"``: a
 temporary directory renamed into place; ``"manifest-last"``: the data objects
 first, then the one object whose PUT is the commit).
 
+Two jobs writing one directory must not both win a commit, so a store also
+offers conditional writes: :meth:`Store.create_exclusive` (write only if the
+name is free) and :meth:`Store.read_tagged` / :meth:`Store.replace_if` (write
+only if nobody changed it since it was read). Where the backend has them
+(S3 and S3-compatible servers that honour ``If-None-Match``/``If-Match``),
+:meth:`Store.conditional_writes` is True and exactly one of two racing writers
+succeeds; elsewhere they check and then write, which narrows the window
+without closing it.
+
 :mod:`ckptmgr.io.access` opens the right kind for a URI.
 """
 from __future__ import annotations
 
 import abc
 import contextlib
-from typing import IO, Any, ClassVar, Dict, List, Optional
+import hashlib
+from typing import IO, Any, ClassVar, Dict, List, Optional, Tuple
 
+from ..errors import CheckpointNotFoundError, WriteConflictError
 from .uri import join
 
 __all__ = ["Store", "Options"]
@@ -93,6 +104,48 @@ class Store(abc.ABC):
         """Write a (small) file atomically."""
         with self.atomic_write(name) as fh:
             fh.write(data)
+
+    # ------------------------------------------------------------------ conditional writes
+
+    def conditional_writes(self) -> bool:
+        """True when :meth:`create_exclusive` and :meth:`replace_if` are atomic on this backend."""
+        return False
+
+    def create_exclusive(self, name: str, data: bytes) -> None:
+        """Write a small file only if nothing has that name yet.
+
+        Here (no conditional write): check, then write atomically; two writers
+        racing inside that window can both succeed. Kinds with a real
+        conditional write override it.
+
+        Raises:
+            WriteConflictError: the name exists.
+            StorageError: writing failed.
+        """
+        if self.exists(name):
+            raise WriteConflictError(f"{self.uri(name)} exists already")
+        self.write_bytes(name, data)
+
+    def read_tagged(self, name: str) -> Tuple[Optional[bytes], Optional[str]]:
+        """A small file's content and a tag of its version, for :meth:`replace_if`; ``(None, None)`` when missing."""
+        try:
+            data = self.read_bytes(name)
+        except CheckpointNotFoundError:
+            return None, None
+        return data, hashlib.sha256(data).hexdigest()
+
+    def replace_if(self, name: str, data: bytes, tag: Optional[str]) -> None:
+        """Write a small file only if it is still the version :meth:`read_tagged` tagged ``tag`` (None: missing).
+
+        Here (no conditional write): read, compare, then write atomically.
+
+        Raises:
+            WriteConflictError: it changed (or appeared, or vanished) since it was read.
+            StorageError: writing failed.
+        """
+        if self.read_tagged(name)[1] != tag:
+            raise WriteConflictError(f"{self.uri(name)} changed since it was read")
+        self.write_bytes(name, data)
 
     @abc.abstractmethod
     def exists(self, name: str = "") -> bool:

@@ -4,7 +4,8 @@
 "runs/exp1/step_00000100")`` should work like loading a file: the step layer
 finds the step (the newest good one for a manager directory) and checks the
 weights and meta files against its manifest; this module only tells a step
-directory from a manager directory.
+directory from a manager directory. With ``CKPTMGR_SIGNING_KEY`` set, only
+steps signed with that key load.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import logging
 from typing import Any, Dict, Optional
 
 from ..format.maplocation import MapLocation
+from ..format.signing import load_key
 from ..io.access import open_store
 from ..io.store import Options
 from ..step.load import load_latest_weights, load_weights
@@ -46,15 +48,17 @@ def load_manager_checkpoint(uri: str, map_location: MapLocation = None,
         CheckpointNotFoundError: no committed checkpoint there.
         CorruptCheckpointError: the step (or, for a manager directory, every step) is damaged.
         CheckpointFormatError: ``model_name`` names no saved model, or is None and the step holds several.
+        SignatureError: ``CKPTMGR_SIGNING_KEY`` is set and the step (every step) is not signed with it.
     """
     uri = str(uri)
     trimmed = uri.rstrip("/") or uri
     store = open_store(trimmed, storage_options)
     step = parse_step_name(trimmed.rsplit("/", 1)[-1])
+    key = load_key(None)
     if step is not None:
-        loaded = load_weights(store, step, map_location, model_name, every_model)
+        loaded = load_weights(store, step, map_location, model_name, every_model, signing_key=key)
     else:
-        loaded = load_latest_weights(store, map_location, model_name, every_model)
+        loaded = load_latest_weights(store, map_location, model_name, every_model, signing_key=key)
     if model_name is not None:
         loaded["model_name"] = model_name  # tells load_checkpoint the choice is made
     return loaded

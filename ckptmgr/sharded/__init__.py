@@ -6,8 +6,9 @@ is the DCP storage glue (the only module that imports DCP at its top, and it
 is imported only when a sharded step is touched); :mod:`.consolidate` turns a
 sharded step into one state dict or file in a single process.
 
-Trust: DCP's metadata is a pickle, checked against the manifest before it is
-read. A sharded checkpoint is only as trustworthy as its source.
+Trust: DCP's metadata is a pickle, checked against the manifest and then read
+with an allowlist unpickler (:mod:`.safe_pickle`): it can describe tensors, not
+run code.
 """
 from .consolidate import consolidate, export
 

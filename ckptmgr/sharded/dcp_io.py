@@ -1,12 +1,14 @@
 """torch.distributed.checkpoint (DCP) storage that fits ckptmgr's commit protocol and trust rules.
 
 DCP writes one data file per rank (``__<rank>_<n>.distcp``) and one metadata
-file, a pickle, that it unpickles on load. Two things have to change for
-ckptmgr: every file of a checkpoint is listed in the manifest, whose names
-never start with a dot, so the metadata is written as ``dcp.metadata``
-instead of DCP's ``.metadata``; and no byte of that pickle is unpickled before
-its sha256 matches the manifest. The reader here checks the very bytes it then
-unpickles, so nothing can swap the file between the check and the load.
+file, a pickle, that it unpickles on load. Three things change for ckptmgr:
+every file of a checkpoint is listed in the manifest, whose names never start
+with a dot, so the metadata is written as ``dcp.metadata`` instead of DCP's
+``.metadata``; no byte of that pickle is unpickled before its sha256 matches
+the manifest (the reader checks the very bytes it then unpickles, so nothing
+can swap the file between the check and the load); and it is unpickled with
+the allowlist of :mod:`.safe_pickle`, never the standard unpickler, so a
+forged file with a recomputed manifest still cannot run code.
 
 Only the metadata name, the metadata read and the read of non-tensor entries
 (``weights_only=True`` instead of DCP's full pickle) are overridden; writing
@@ -27,6 +29,7 @@ from ..errors import CheckpointError, CorruptCheckpointError, DistributedError, 
 from ..format.checksum import FileEntry, HashingReader
 from ..io.store import Store
 from .layout import METADATA_NAME, check_metadata_bytes, is_data_file
+from .safe_pickle import load_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ class _RemoteWriter(_Recording, FsspecWriter):
 
 
 class _VerifiedMetadata(_NamedMetadata):
-    """Mixin: read the metadata pickle only after its bytes match the manifest."""
+    """Mixin: read the metadata pickle only after its bytes match the manifest, and only with the allowlist."""
 
     expected: Optional[FileEntry] = None
     source: str = ""
@@ -79,10 +82,7 @@ class _VerifiedMetadata(_NamedMetadata):
             raise CorruptCheckpointError(f"{self.source}: {METADATA_NAME} is listed in the manifest but missing") \
                 from exc
         check_metadata_bytes(data, self.expected, self.source)
-        metadata = pickle.loads(data)  # checked above: these are the bytes the manifest vouches for
-        if not isinstance(metadata, Metadata):
-            raise CorruptCheckpointError(f"{self.source}: {METADATA_NAME} holds a {type(metadata).__name__}, "
-                                         "not DCP metadata")
+        metadata = load_metadata(data, self.source)  # the allowlist unpickler; never pickle.loads
         storage_meta = metadata.storage_meta or StorageMeta()
         storage_meta.load_id = self.load_id  # type: ignore[attr-defined]
         metadata.storage_meta = storage_meta
@@ -110,7 +110,7 @@ def writer(store: Store) -> Any:
 
 
 def reader(store: Store, expected: FileEntry, source: str) -> Any:
-    """A DCP StorageReader over ``store`` that verifies the metadata against ``expected`` before unpickling."""
+    """A DCP StorageReader over ``store``: metadata checked against ``expected``, then read with the allowlist."""
     if store.is_local:
         out: Any = _LocalReader(store.root)
     else:

@@ -9,8 +9,9 @@ manifest and commits them like any other file. DCP reshards on load, so N
 ranks' checkpoint restores on M ranks.
 
 Trust: DCP's metadata file is a pickle. It is unpickled only after its bytes
-match the manifest (see :mod:`.dcp_io`), and non-tensor entries are read with
-``weights_only=True``.
+match the manifest, and only with an allowlist unpickler (:mod:`.safe_pickle`),
+so a forged file cannot run code even with a recomputed manifest; non-tensor
+entries are read with ``weights_only=True``.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from ..io.store import Store
 from ..state.models import as_models, dcp_module
 from ..state.objects import as_named
 from .layout import METADATA_NAME, check_metadata_bytes, is_data_file
+from .safe_pickle import load_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -158,13 +160,18 @@ def check_files(store: Store, manifest: Manifest, full: bool) -> None:
     """Check DCP's files of a step against its manifest: the metadata always, every data file with ``full``.
 
     Sizes are checked by the caller's listing. The metadata is a pickle, so it
-    is hashed even when the caller skips checksums (``verify=False``).
+    is hashed even when the caller skips checksums (``verify=False``), and read
+    with the allowlist unpickler here, so a step whose metadata would need
+    anything else is refused while a restore still chooses its step.
 
     Raises:
         ChecksumError, CorruptCheckpointError: a file differs or is missing.
+        UnsafeCheckpointError: the metadata names something outside the allowlist.
     """
     name = metadata_name(manifest, store.root)
-    check_metadata_bytes(store.read_bytes(name), manifest.files[name], store.root)
+    raw = store.read_bytes(name)
+    check_metadata_bytes(raw, manifest.files[name], store.root)
+    load_metadata(raw, store.uri(name))
     if full:
         for data in sorted(n for n in manifest.files if is_data_file(n)):
             verify_file(store, data, manifest.files[data])

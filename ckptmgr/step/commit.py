@@ -16,7 +16,13 @@ temporary-path classes do); :func:`protocol_for` picks by the store's
   objects are uploaded (each atomically) into the step prefix, then the
   manifest object, whose single PUT is the commit. Replacing a committed step
   writes the new data under ``step_N/rev-<id>/`` so the old manifest stays
-  valid until the new one overwrites it in one PUT.
+  valid until the new one overwrites it in one PUT. Where the store has
+  conditional writes (S3), a new step's manifest is created with
+  ``If-None-Match: *`` and its data goes under a ``rev-<id>/`` prefix of its
+  own too: of two jobs racing to commit one step exactly one wins, the other
+  gets :class:`CheckpointExistsError`, and neither writes or deletes the
+  other's files. Elsewhere the manifest is written after a check that no
+  manifest exists, which narrows that race without closing it.
 
 Both uncommit before deleting (a rename away, or the manifest deleted first),
 so retention never leaves a committed partial step either.
@@ -28,7 +34,7 @@ import logging
 import uuid
 from typing import Any, Callable, Iterable, List
 
-from ..errors import CheckpointExistsError, StorageError
+from ..errors import CheckpointExistsError, StorageError, WriteConflictError
 from ..faults import fault_point
 from ..format.manifest import MANIFEST_NAME, Manifest
 from ..io.local import LocalStore
@@ -202,25 +208,46 @@ class ManifestLastCommit(CommitProtocol):
     def prepare(self, step: int, force: bool) -> WritePlan:
         status = self._check_target(step, force)
         final = step_name(step)
-        if status == "committed":
+        if status == "committed" or (status == "absent" and self.store.conditional_writes()):
+            # Another job may be writing this step right now: write beside it, delete nothing of it.
             prefix = f"rev-{uuid.uuid4().hex[:12]}/"
-            return WritePlan(final, f"{final}/{prefix}", prefix, True)
-        self.store.remove(final, recursive=True)  # uncommitted leftovers
+            return WritePlan(final, f"{final}/{prefix}", prefix, status == "committed")
+        self.store.remove(final, recursive=True)  # uncommitted leftovers, or a damaged manifest
         return WritePlan(final, final, "", False)
 
     def commit(self, plan: WritePlan, manifest: Manifest) -> None:
         self.check_visible(plan, manifest)
         fault_point("save.before_manifest")
-        self.store.write_bytes(f"{plan.final}/{MANIFEST_NAME}", manifest.to_bytes())
+        name, data = f"{plan.final}/{MANIFEST_NAME}", manifest.to_bytes()
+        if plan.replace:  # a forced save: one PUT swaps the revisions
+            self.store.write_bytes(name, data)
+        else:
+            try:
+                self.store.create_exclusive(name, data)
+            except WriteConflictError as exc:
+                raise CheckpointExistsError(
+                    f"step {manifest.step} was committed in {self.store.root} by another job while this save wrote "
+                    "it; this save is not committed",
+                    "two jobs must not save into one directory: stop one of them") from exc
         fault_point("save.after_manifest")  # the manifest PUT is the commit
-        if plan.replace:  # the old revision's objects are unreferenced now
-            keep = set(manifest.files) | {MANIFEST_NAME}
-            for name in self.store.list_files(plan.final):
-                if name not in keep:
-                    _quietly(self.store.remove, f"{plan.final}/{name}")
+        if plan.prefix:
+            _quietly(self._sweep, plan.final, manifest, data)
+
+    def _sweep(self, final: str, manifest: Manifest, data: bytes) -> None:
+        """Remove what a committed step's manifest does not list: a replaced revision, files of saves that
+        crashed or lost the commit (unless another job's forced save replaced ours meanwhile)."""
+        if self.store.read_bytes(f"{final}/{MANIFEST_NAME}") != data:
+            return
+        keep = set(manifest.files) | {MANIFEST_NAME}
+        for name in self.store.list_files(final):
+            if name not in keep:
+                _quietly(self.store.remove, f"{final}/{name}")
 
     def abort(self, plan: WritePlan) -> None:
-        _quietly(self.store.remove, plan.write_dir if plan.prefix else plan.final, recursive=True)
+        def remove(target: str) -> None:
+            if plan.prefix or not self.store.exists(f"{plan.final}/{MANIFEST_NAME}"):  # never another job's commit
+                self.store.remove(target, recursive=True)
+        _quietly(remove, plan.write_dir if plan.prefix else plan.final)
 
     def uncommit(self, step: int) -> Reclaim:
         final = step_name(step)

@@ -3,7 +3,9 @@
 A restore must never apply a step that does not check out, and "the latest
 checkpoint" means the newest *good* one: a damaged newer step is skipped
 with a warning. :func:`newest_good` is that fallback, shared by the manager's
-restore and by ``load_checkpoint`` on a manager directory.
+restore and by ``load_checkpoint`` on a manager directory. With a signing
+key, a step whose manifest is not signed with it is refused right after its
+manifest is read, before any other file, and skipped like a damaged one.
 """
 from __future__ import annotations
 
@@ -11,13 +13,14 @@ import logging
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
 
 from ..distributed import agree, get_rank, get_world_size
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, SignatureError, UnsafeCheckpointError
 from ..format.manifest import Manifest, check_sizes
 from ..format.maplocation import MapLocation
+from ..format.signing import SigningKey
 from ..io.store import Store
 from ..state.objects import plain
 from . import models, rankstate
-from .files import read_component, read_manifest
+from .files import MANIFEST_NAME, read_component, read_manifest
 from .formats import Formats, StepFormat, format_of
 from .index import StepIndex
 from .names import step_name
@@ -31,12 +34,13 @@ __all__ = ["open_step", "read_step", "newest_good", "agree_on_step", "load_weigh
 T = TypeVar("T")
 
 
-def open_step(store: Store, step: int) -> Tuple[Store, Manifest]:
-    """The step directory of ``step`` and its manifest, which must record that step.
+def open_step(store: Store, step: int, signing_key: Optional[SigningKey] = None) -> Tuple[Store, Manifest]:
+    """The step directory of ``step`` and its manifest, which must record that step (and be signed with the key).
 
     Raises:
         CheckpointNotFoundError: the step has no manifest (never committed).
         CorruptCheckpointError: the manifest is damaged or records another step.
+        SignatureError: a key is given and the manifest is not signed with it.
     """
     step_store = store.sub(step_name(step))
     try:
@@ -44,14 +48,26 @@ def open_step(store: Store, step: int) -> Tuple[Store, Manifest]:
     except CheckpointNotFoundError:
         raise CheckpointNotFoundError(f"step {step} has no committed checkpoint in {store.root}",
                                       "`ckptmgr ls DIR` lists the committed steps") from None
+    check_signature(manifest, signing_key, step_store.uri(MANIFEST_NAME))
     if manifest.step != step:
         raise CorruptCheckpointError(f"{step_store.root}: the manifest records step {manifest.step}")
     return step_store, manifest
 
 
+def check_signature(manifest: Manifest, signing_key: Optional[SigningKey], source: str) -> None:
+    """Nothing without a key; with one, the manifest must be signed with it.
+
+    Raises:
+        SignatureError: unsigned, signed with another key, or altered after signing.
+    """
+    if signing_key is not None:
+        signing_key.check(manifest, source)
+
+
 def read_step(store: Store, step: int, rank: int, formats: Formats, objs: Optional[TrainingObjects] = None, *,
               verify: bool = True, map_location: MapLocation = None, in_place: bool = False,
-              check_all: bool = False, on_world_size_change: str = "error") -> Tuple[StepFormat, LoadedStep]:
+              check_all: bool = False, on_world_size_change: str = "error",
+              signing_key: Optional[SigningKey] = None) -> Tuple[StepFormat, LoadedStep]:
     """Read (and check) everything ``rank`` needs from a committed step; nothing is applied.
 
     Sizes of every file are compared with one listing first; each file read is
@@ -66,8 +82,9 @@ def read_step(store: Store, step: int, rank: int, formats: Formats, objs: Option
         CheckpointNotFoundError: the step has no manifest.
         ChecksumError, CorruptCheckpointError: something differs from the manifest.
         WorldSizeChangedError: the step holds rank state of another world size (``'error'``).
+        SignatureError: ``signing_key`` is given and the manifest is not signed with it.
     """
-    step_store, manifest = open_step(store, step)
+    step_store, manifest = open_step(store, step, signing_key)
     check_sizes(manifest, step_store.list_files(), step_store.root)
     usable = rankstate.usable(manifest, get_world_size(), on_world_size_change)
     fmt = formats.for_manifest(manifest)
@@ -83,42 +100,55 @@ def read_step(store: Store, step: int, rank: int, formats: Formats, objs: Option
 def newest_good(candidates: Iterable[int], read: Callable[[int], T], where: str) -> Optional[Tuple[int, T]]:
     """``read`` the candidates newest first; return the first that checks out (None when there are none).
 
+    A step that is damaged, refused as unsafe, or not signed with the key
+    (:class:`SignatureError`) is skipped with a warning.
+
     Raises:
-        CorruptCheckpointError: every candidate is damaged (each failure is listed).
+        SignatureError: every candidate failed the signature check (each is listed).
+        CorruptCheckpointError: every candidate is damaged or refused (each failure is listed).
     """
-    failures = []
+    failures: List[Tuple[int, Exception]] = []
     for candidate in sorted(candidates, reverse=True):
         try:
             return candidate, read(candidate)
-        except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
-            logger.warning("checkpoint step %d is damaged, trying an older one: %s", candidate, exc)
-            failures.append(f"step {candidate}: {exc}")
-    if failures:
-        raise CorruptCheckpointError(f"every checkpoint in {where} is damaged:\n" + "\n".join(failures))
-    return None
+        except (CorruptCheckpointError, CheckpointNotFoundError, UnsafeCheckpointError) as exc:
+            what = "not signed with the key" if isinstance(exc, SignatureError) else "damaged"
+            logger.warning("checkpoint step %d is %s, trying an older one: %s", candidate, what, exc)
+            failures.append((candidate, exc))
+    if not failures:
+        return None
+    listed = "\n".join(f"step {candidate}: {exc}" for candidate, exc in failures)
+    if all(isinstance(exc, SignatureError) for _, exc in failures):
+        raise SignatureError(f"no checkpoint in {where} is signed with the given key, so nothing is restored:\n"
+                             f"{listed}")
+    raise CorruptCheckpointError(f"every checkpoint in {where} is damaged:\n{listed}")
 
 
 def agree_on_step(store: Store, formats: Formats, objs: TrainingObjects, step: Optional[int],
                   candidates: Callable[[], List[int]], *, verify: bool, map_location: MapLocation,
-                  in_place: bool, on_world_size_change: str = "error") -> Optional[Tuple[int, StepFormat, LoadedStep]]:
+                  in_place: bool, on_world_size_change: str = "error", signing_key: Optional[SigningKey] = None
+                  ) -> Optional[Tuple[int, StepFormat, LoadedStep]]:
     """Every rank's part of the step to restore (a collective): rank 0 chooses and vouches, then every rank reads.
 
     Rank 0 reads ``step`` (or the newest good one of ``candidates()``) and
     verifies every file of it, other ranks' included; every other rank then
-    reads its own part. Nothing is applied.
+    reads its own part. Nothing is applied. With ``signing_key`` every rank
+    checks the manifest's signature before reading anything else.
 
     Returns:
         ``(step, its format, what this rank read)``, or None when nothing is committed.
 
     Raises:
-        CheckpointNotFoundError, ChecksumError, CorruptCheckpointError, WorldSizeChangedError: on every rank.
+        CheckpointNotFoundError, ChecksumError, CorruptCheckpointError, WorldSizeChangedError, SignatureError:
+            on every rank.
     """
     rank = get_rank()
     got: Dict[str, Tuple[StepFormat, LoadedStep]] = {}
 
     def read(candidate: int, everything: bool) -> Tuple[StepFormat, LoadedStep]:
         return read_step(store, candidate, rank, formats, objs, verify=verify, map_location=map_location,
-                         in_place=in_place, check_all=everything, on_world_size_change=on_world_size_change)
+                         in_place=in_place, check_all=everything, on_world_size_change=on_world_size_change,
+                         signing_key=signing_key)
 
     def choose() -> Optional[int]:
         if rank != 0:
@@ -141,7 +171,8 @@ def agree_on_step(store: Store, formats: Formats, objs: TrainingObjects, step: O
 
 
 def load_weights(step_store: Store, step: Optional[int] = None, map_location: MapLocation = None,
-                 model_name: Optional[str] = None, every_model: bool = False) -> Dict[str, Any]:
+                 model_name: Optional[str] = None, every_model: bool = False, *,
+                 signing_key: Optional[SigningKey] = None) -> Dict[str, Any]:
     """Weights and meta of one committed step, verified: ``{'state_dict', 'meta', 'step', 'metrics', 'models'}``.
 
     ``models`` lists the names of the step's models (``['model']`` for one
@@ -153,12 +184,14 @@ def load_weights(step_store: Store, step: Optional[int] = None, map_location: Ma
         CheckpointNotFoundError: the step has no manifest (never committed).
         ChecksumError, CorruptCheckpointError: the weights or meta differ from the manifest.
         CheckpointFormatError: ``model_name`` was not saved, or it is None and several models were.
+        SignatureError: ``signing_key`` is given and the manifest is not signed with it.
     """
     try:
         manifest = read_manifest(step_store)
     except CheckpointNotFoundError:
         raise CheckpointNotFoundError(f"{step_store.root} has no manifest: that save never committed",
                                       "load another step; `ckptmgr ls DIR` lists committed ones") from None
+    check_signature(manifest, signing_key, step_store.uri(MANIFEST_NAME))
     if step is not None and manifest.step != step:
         raise CorruptCheckpointError(f"{step_store.root}: the manifest records step {manifest.step}")
     fmt, names = format_of(manifest), model_names(manifest)
@@ -184,16 +217,17 @@ def model_names(manifest: Manifest) -> List[str]:
 
 
 def load_latest_weights(store: Store, map_location: MapLocation = None, model_name: Optional[str] = None,
-                        every_model: bool = False) -> Dict[str, Any]:
+                        every_model: bool = False, *, signing_key: Optional[SigningKey] = None) -> Dict[str, Any]:
     """:func:`load_weights` of the newest good step of a manager directory.
 
     Raises:
         CheckpointNotFoundError: the directory has no committed step.
         CorruptCheckpointError: every step is damaged.
+        SignatureError: ``signing_key`` is given and no step is signed with it.
     """
     steps = list(StepIndex(store).refresh())
     found = newest_good(steps, lambda s: load_weights(store.sub(step_name(s)), s, map_location, model_name,
-                                                      every_model), store.root)
+                                                      every_model, signing_key=signing_key), store.root)
     if found is None:
         raise CheckpointNotFoundError(f"{store.root} is a directory with no committed checkpoint",
                                       "pass a checkpoint file, a step_XXXXXXXX directory, or a manager directory")

@@ -15,21 +15,28 @@ restoring and the read-only CLI commands never claim anything.
   (a restarted job must be able to take over from its dead predecessor), and
   every save re-reads it before cleaning and again right before writing the
   manifest. The older job thus fails its next save with
-  :class:`DirectoryInUseError` instead of committing over the newer one. A
-  save racing the takeover inside that last check-to-PUT window is not caught
-  (S3 offers no compare-and-swap that every backend supports).
+  :class:`DirectoryInUseError` instead of committing over the newer one.
+  Where the store has conditional writes (S3), the takeover is a
+  compare-and-swap on the lease's ETag, so of two jobs claiming at once
+  exactly one gets the lease and the other is refused. A save of the older
+  job racing the takeover inside its last check-to-PUT window is not fenced by
+  the lease, but its manifest is a create-only write there
+  (:mod:`ckptmgr.step.commit`): it cannot replace a step the newer job
+  committed. Elsewhere the lease is written after a re-read, which narrows
+  the same races without closing them.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import socket
 import time
 import uuid
 from typing import Any, Dict, Optional
 
-from ..errors import CheckpointError, DirectoryInUseError, StorageError
+from ..errors import CheckpointError, DirectoryInUseError, StorageError, WriteConflictError
 from ..io.store import Store
 
 logger = logging.getLogger(__name__)
@@ -38,6 +45,8 @@ __all__ = ["LOCK_NAME", "OWNER_NAME", "DirectoryOwner"]
 
 LOCK_NAME = ".ckptmgr.lock"
 OWNER_NAME = ".ckptmgr-owner.json"
+#: The temp file of an interrupted write of the local owner record (LocalStore.atomic_write's naming).
+_OWNER_TEMP = re.compile(r"^\." + re.escape(OWNER_NAME) + r"\.[A-Za-z0-9_]+\.tmp$")
 
 
 class DirectoryOwner:
@@ -60,9 +69,8 @@ class DirectoryOwner:
     def _read_owner(self) -> Optional[Dict[str, Any]]:
         uri = self.store.uri(OWNER_NAME)
         try:
-            record = json.loads(self.store.read_bytes(OWNER_NAME).decode("utf-8"))
-            return record if isinstance(record, dict) else None
-        except (FileNotFoundError, ValueError):  # missing or torn: nobody we can name
+            return _parse(self.store.read_bytes(OWNER_NAME))
+        except FileNotFoundError:  # missing: nobody we can name
             return None
         except CheckpointError:
             raise
@@ -96,12 +104,22 @@ class DirectoryOwner:
         if self.store.is_local:
             self._lock_local(purpose)
         else:
-            previous = self._read_owner()
-            if previous and previous.get("token") != self.token:
-                logger.warning("taking over %s from %s; if that job still runs, its next save will fail",
-                               self.directory, self._describe(previous))
-            self._write_owner()
+            self._take_lease(purpose)
         self._claimed = True
+
+    def _take_lease(self, purpose: Optional[str]) -> None:
+        """Write the lease over the version just read (a compare-and-swap where the store has one)."""
+        data, tag = self.store.read_tagged(OWNER_NAME)
+        previous = _parse(data)
+        if previous and previous.get("token") != self.token:
+            logger.warning("taking over %s from %s; if that job still runs, its next save will fail",
+                           self.directory, self._describe(previous))
+        try:
+            self.store.replace_if(OWNER_NAME, json.dumps(self._record()).encode("utf-8"), tag)
+        except WriteConflictError:
+            ending = f"; refusing {purpose}" if purpose else ""
+            raise DirectoryInUseError(f"{self.directory} was claimed by {self._describe(self._read_owner())} at the "
+                                      f"same moment{ending}") from None
 
     def _lock_local(self, purpose: Optional[str]) -> None:
         import filelock
@@ -115,6 +133,9 @@ class DirectoryOwner:
             raise DirectoryInUseError(f"{self.directory} is in use by {self._describe(self._read_owner())}{ending}") \
                 from None
         self._lock = lock
+        for name in self.store.listdir():  # a job killed while writing its record left this; we hold the lock
+            if _OWNER_TEMP.match(name):
+                self.store.remove(name)
         self._write_owner()
 
     def check(self) -> None:
@@ -143,3 +164,12 @@ class DirectoryOwner:
             self._lock.release()
             self._lock = None
         self._claimed = False
+
+
+def _parse(data: Optional[bytes]) -> Optional[Dict[str, Any]]:
+    """A lease record, or None when there is none or it is torn."""
+    try:
+        record = json.loads(data.decode("utf-8")) if data is not None else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None

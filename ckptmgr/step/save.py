@@ -10,9 +10,10 @@ order of calls is the whole protocol:
    :class:`WritePlan` to every rank;
 2. every rank writes its files with the step format and reports them as
    :class:`RankFiles`;
-3. rank 0 builds the manifest from every report, runs ``before_commit`` (the
-   ownership check) and :meth:`CommitProtocol.commit`: the manifest is written
-   last, and the step is visible from that instant.
+3. rank 0 builds the manifest from every report (signed when a key is
+   given), runs ``before_commit`` (the ownership check) and
+   :meth:`CommitProtocol.commit`: the manifest is written last, and the step
+   is visible from that instant.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from ..distributed import agree, get_rank, get_world_size
 from ..errors import DistributedError
 from ..faults import fault_point
 from ..format.manifest import Manifest
+from ..format.signing import SigningKey
 from ..io.store import Store
 from .commit import CommitProtocol
 from .formats import StepFormat
@@ -52,7 +54,8 @@ def build_manifest(step: int, metrics: Any, reports: List[RankFiles], world: int
 def save_step(store: Store, protocol: CommitProtocol, fmt: StepFormat, snapshot: Snapshot, *,
               error: Optional[BaseException], force: bool, group: Any = None,
               before_prepare: Callable[[], None] = lambda: None,
-              before_commit: Callable[[], None] = lambda: None) -> Tuple[str, Optional[Manifest]]:
+              before_commit: Callable[[], None] = lambda: None,
+              signing_key: Optional[SigningKey] = None) -> Tuple[str, Optional[Manifest]]:
     """Write and commit one step on every rank (a collective).
 
     Args:
@@ -66,6 +69,7 @@ def save_step(store: Store, protocol: CommitProtocol, fmt: StepFormat, snapshot:
         group: Process group for the agreement (a background writer's private one).
         before_prepare: Rank 0, before the plan is made.
         before_commit: Rank 0, right before the manifest is written.
+        signing_key: Sign the manifest with this key.
 
     Returns:
         ``(name of the committed step directory, the manifest on rank 0 / None elsewhere)``.
@@ -98,6 +102,8 @@ def save_step(store: Store, protocol: CommitProtocol, fmt: StepFormat, snapshot:
         fault_point("save.commit")
         if rank == 0:
             manifest = build_manifest(step, snapshot.metrics, [RankFiles.from_json(r) for r in written], world)
+            if signing_key is not None:
+                signing_key.sign(manifest)
             before_commit()
             protocol.commit(plan, manifest)
             committed = True

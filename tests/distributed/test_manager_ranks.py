@@ -84,8 +84,10 @@ def _worker(rank, world, directory):
         with storage.open_read(storage.join(path, "manifest.json")) as fh:
             manifest = json.loads(fh.read())
         out["names"] = [n for n in storage.listdir(directory) if not n.startswith(".ckptmgr")]
-        out["files"] = sorted(storage.open_store(path).list_files())
-        out["manifest"] = {"world_size": manifest["world_size"], "rng": manifest["components"]["rng"]}
+        # on S3 a save's files sit under its own rev-<id>/ prefix (the manifest names them)
+        out["files"] = sorted(name.rsplit("/", 1)[-1] for name in storage.open_store(path).list_files())
+        out["manifest"] = {"world_size": manifest["world_size"],
+                           "rng": {r: name.rsplit("/", 1)[-1] for r, name in manifest["components"]["rng"].items()}}
 
     def fail(*args, **kwargs):
         raise RuntimeError(f"injected failure on rank {rank}")
@@ -110,7 +112,9 @@ def _worker(rank, world, directory):
 
     # rank 0 alone finds step 4 damaged; every rank must restore the step it picks instead
     if rank == 0:
-        target = storage.join(directory, "step_00000004", "model.safetensors")
+        step4 = storage.join(directory, "step_00000004")
+        with storage.open_read(storage.join(step4, "manifest.json")) as fh:
+            target = storage.join(step4, json.loads(fh.read())["components"]["model"])
         with storage.open_read(target) as fh:
             data = bytearray(fh.read())
         data[-1] ^= 0xFF

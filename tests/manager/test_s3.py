@@ -1,4 +1,6 @@
 """CheckpointManager on S3 (a real moto server over HTTP): commit order, retention, force, loading."""
+import json
+
 import pytest
 import s3fs
 import torch
@@ -94,7 +96,8 @@ def test_corrupt_object_falls_back_on_s3(s3, convnet):
     mgr.save(1, model=_fill(ConvNet(), 1.0))
     mgr.save(2, model=convnet)
     fs = _fs()
-    key = f"{run[5:]}/step_00000002/model.safetensors"
+    model_file = json.loads(fs.cat(f"{run[5:]}/step_00000002/manifest.json"))["components"]["model"]
+    key = f"{run[5:]}/step_00000002/{model_file}"     # under the save's own rev-<id>/ prefix on S3
     data = bytearray(fs.cat(key))
     data[-1] ^= 0x01
     fs.pipe(key, bytes(data))

@@ -1,13 +1,20 @@
-"""Sharded checkpoints in one process: DCP's metadata pickle is checked before it is read, settings, export."""
+"""Sharded checkpoints in one process: DCP's metadata pickle is checked, then read with an allowlist; export."""
+import logging
 import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from ckptmgr import CheckpointManager, sharded
-from ckptmgr.errors import ChecksumError
+from ckptmgr.errors import ChecksumError, UnsafeCheckpointError
+from ckptmgr.format.checksum import FileEntry
+from ckptmgr.format.manifest import Manifest
 from tests.sharded._workers import plain_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -79,6 +86,58 @@ def test_a_malicious_metadata_pickle_is_refused_before_it_is_unpickled(saved, tm
         sharded.consolidate(os.path.dirname(path))
     with pytest.raises(ChecksumError):
         sharded.consolidate(os.path.dirname(path), verify=False)
+    assert not canary.exists()
+
+
+def _forge(directory, payload, step=2):
+    """Replace a step's dcp.metadata with ``payload`` and recompute the manifest so every checksum matches."""
+    import hashlib
+    step_dir = os.path.join(directory, f"step_{step:08d}")
+    with open(os.path.join(step_dir, "dcp.metadata"), "wb") as fh:
+        fh.write(payload)
+    path = os.path.join(step_dir, "manifest.json")
+    manifest = Manifest.from_bytes(open(path, "rb").read())
+    manifest.files["dcp.metadata"] = FileEntry(len(payload), hashlib.sha256(payload).hexdigest())
+    manifest.raw = None
+    with open(path, "wb") as fh:
+        fh.write(manifest.to_bytes())  # a manifest that checks out: only the allowlist stands in the way
+    return step_dir
+
+
+def _real_metadata_with_a_gadget(directory, canary):
+    """DCP's own Metadata object for step 2, with a payload hidden in a field DCP never reads."""
+    with open(_metadata(directory), "rb") as fh:
+        metadata = pickle.load(fh)  # our own file, written just now by the fixture: trusted here
+    metadata.planner_data = {"note": _Canary(canary)}
+    return pickle.dumps(metadata)
+
+
+@pytest.mark.parametrize("forgery", ["bare canary pickle", "real metadata with a gadget"])
+def test_a_forged_metadata_with_a_recomputed_manifest_never_runs(saved, tmp_path, forgery, caplog):
+    directory, _ = saved
+    canary = tmp_path / "canary"
+    payload = pickle.dumps(_Canary(str(canary))) if forgery.startswith("bare") else \
+        _real_metadata_with_a_gadget(directory, str(canary))
+    step_dir = _forge(directory, payload)
+    mgr = CheckpointManager(directory)
+    for verify in (True, False):
+        with pytest.raises(UnsafeCheckpointError, match="refusing to load DCP metadata"):
+            mgr.restore(2, model=plain_model(), verify=verify)
+    with caplog.at_level(logging.WARNING):
+        assert mgr.restore(model=plain_model()).step == 1  # the latest restore skips the forged step
+    assert "step 2 is damaged" in caplog.text
+    with pytest.raises(UnsafeCheckpointError):
+        sharded.consolidate(step_dir)
+    with pytest.raises(UnsafeCheckpointError):
+        sharded.consolidate(step_dir, verify=False)
+    out = tmp_path / "exported.safetensors"
+    with pytest.raises(UnsafeCheckpointError):
+        sharded.export(step_dir, str(out))
+    assert not out.exists()
+    proc = subprocess.run([sys.executable, "-m", "ckptmgr.cli", "inspect", step_dir], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1 and "refusing to load DCP metadata" in proc.stderr, proc.stderr[-600:]
+    assert "Traceback" not in proc.stderr and "--trust-pickle" not in proc.stderr
     assert not canary.exists()
 
 

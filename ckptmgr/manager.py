@@ -12,6 +12,7 @@ This module only orchestrates; the layers below do the work:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -38,6 +39,7 @@ from .step.names import step_name
 from .step.ownership import DirectoryOwner
 from .step.records import RestoredCheckpoint, Snapshot, TrainingObjects
 from .step.save import save_step
+from .step.tiers import Persistent, TieredSteps
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +59,8 @@ class CheckpointManager:
     Under ``torch.distributed`` every rank calls ``save``/``restore`` with the
     same arguments: rank 0 writes the replicated state, every rank its RNG file,
     and ranks agree on the outcome (errors on any rank raise on all, with the
-    timeout of :func:`ckptmgr.distributed.default_timeout`). For a local
-    directory, rank 0 creates the temporary directory and the other ranks write
-    into it, so a local path must be on a filesystem shared by all nodes; on
-    separate node-local disks use an object store (``s3://...``) instead.
+    timeout of :func:`ckptmgr.distributed.default_timeout`). A local directory must
+    be on a filesystem every node shares; with node-local disks, add ``local_dir``.
 
     One manager (one job) writes to a directory at a time: a save removes the
     temporary directories that crashed saves left there, and its listing cache
@@ -90,6 +90,9 @@ class CheckpointManager:
             reshards to any number of ranks. Its metadata is a pickle, checked
             against the manifest before it is read: sharded checkpoints are only
             as trustworthy as their source.
+        local_dir: A path on each node's own disk: saves commit there first, then upload to ``directory``
+            in the background (see :mod:`ckptmgr.step.tiers`; the constructor is then a collective).
+        local_max_to_keep: Local copies of persistent steps each node keeps.
 
     Raises:
         ValueError: an argument is out of range (see :func:`ckptmgr.retention.build_policy`).
@@ -98,11 +101,11 @@ class CheckpointManager:
 
     def __init__(self, directory: Any, max_to_keep: Optional[int] = 5, keep_every_n_steps: Optional[int] = None,
                  best_metric: Optional[str] = None, best_mode: str = "min", keep_best: int = 0,
-                 async_save: bool = False, storage_options: Options = None, sharded: Any = "auto") -> None:
+                 async_save: bool = False, storage_options: Options = None, sharded: Any = "auto",
+                 local_dir: Any = None, local_max_to_keep: int = 1) -> None:
         self.store: Store = open_store(os.fspath(directory), storage_options)
         self.directory: str = self.store.root
-        self.best_metric = best_metric
-        self.best_mode = best_mode
+        self.best_metric, self.best_mode = best_metric, best_mode
         self.policy = build_policy(max_to_keep, keep_every_n_steps, best_metric, best_mode, keep_best)
         self.storage_options = storage_options
         self.async_save = bool(async_save)
@@ -121,6 +124,9 @@ class CheckpointManager:
         self._restored_step: Optional[int] = None
         self._owner = DirectoryOwner(self.store)  # claimed at the first save, never by reads
         self._closed = False
+        self._tiers = None if local_dir is None else TieredSteps(Persistent(  # constructing it is a collective
+            self.store, self._protocol, self.index, self._index_lock, self._owner, self._prepare_directory,
+            functools.partial(steps_to_delete, policy=self.policy), self._reclaimer), local_dir, local_max_to_keep)
 
     # ------------------------------------------------------------------ listing
 
@@ -135,7 +141,8 @@ class CheckpointManager:
         ``restore`` must be called on every rank).
         """
         with self._index_lock:
-            return list(self.index.refresh())
+            steps = list(self.index.refresh())
+        return self._tiers.restorable(steps) if self._tiers else steps
 
     def latest_step(self) -> Optional[int]:
         """The highest committed step, or None."""
@@ -177,7 +184,7 @@ class CheckpointManager:
                 stays committed until the new one is complete (see :mod:`ckptmgr.step.commit`).
 
         Returns:
-            URI of the committed step directory.
+            URI of the committed step directory (with ``local_dir``: this node's local copy).
 
         Raises:
             CheckpointExistsError: ``step`` is committed and ``force`` is False.
@@ -206,7 +213,8 @@ class CheckpointManager:
                  stage: bool) -> Tuple[Snapshot, Optional[Exception]]:
         """Gather this rank's state; an error is returned, not raised, so every rank can learn of it."""
         try:
-            snapshot = fmt.collect(step, objs, metrics, meta, dist.get_rank(), dist.get_world_size())
+            leader = self._tiers.layout.is_leader if self._tiers else None  # tiered: every node's first rank
+            snapshot = fmt.collect(step, objs, metrics, meta, dist.get_rank(), dist.get_world_size(), leader)
             # async: copy into reused CPU buffers; the training loop may change the originals now
             return (fmt.stage(snapshot, self._staging) if stage else snapshot), None
         except Exception as exc:
@@ -215,6 +223,8 @@ class CheckpointManager:
     def _write_and_commit(self, fmt: StepFormat, snapshot: Snapshot, error: Optional[Exception], force: bool,
                           group: Any) -> str:
         """Write, commit (manifest last), retain: the part an async save runs in the background."""
+        if self._tiers:
+            return self._tiers.save(fmt, snapshot, error, force, group)
         final, manifest = save_step(self.store, self._protocol, fmt, snapshot, error=error, force=force,
                                     group=group, before_prepare=self._prepare_directory,
                                     before_commit=self._owner.check)
@@ -300,26 +310,27 @@ class CheckpointManager:
             CheckpointFormatError: an object passed has no saved state (``strict``) or other names.
         """
         self._check_open()
-        if step is not None:
-            step = check_index("step", step)
+        step = None if step is None else check_index("step", step)
         self.wait()  # never read a directory a background save is still writing
         objs = TrainingObjects(model, optimizer, scheduler, scaler, extra)
-
-        def candidates() -> List[int]:
-            with self._index_lock:
-                return list(self.index.refresh())
-        found = agree_on_step(self.store, self.formats, objs, step, candidates, verify=verify,
-                              map_location=map_location, in_place=in_place and map_location in (None, "cpu"))
-        if found is None:
+        opts: Dict[str, Any] = {"verify": verify, "map_location": map_location,
+                                "in_place": in_place and map_location in (None, "cpu")}
+        if self._tiers:
+            found = self._tiers.restore(self.formats, objs, step, **opts)
+        else:
+            found = agree_on_step(self.store, self.formats, objs, step, self.all_steps, **opts)
+            found = found and (*found, self.store.sub(step_name(found[0])))
+        if not found:
             return None
-        chosen, fmt, loaded = found
+        chosen, fmt, loaded, step_store = found
         values: Dict[str, Any] = {}
-        step_store = self.store.sub(step_name(chosen))
         agree(f"restoring step {chosen} from {self.directory} (apply)",
               lambda: values.update(fmt.apply(loaded, step_store, objs, strict)))
         self._restored_step = chosen
+        if self._tiers:
+            self._tiers.restored(chosen)  # uploads owed since a crash start now
         return RestoredCheckpoint(step=chosen, extra=values, meta=plain(loaded.get("meta") or {}),
-                                  metrics=dict(loaded.manifest.metrics), path=self._step_uri(chosen))
+                                  metrics=dict(loaded.manifest.metrics), path=step_store.root)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -328,7 +339,7 @@ class CheckpointManager:
             raise CheckpointError("this CheckpointManager is closed", "create a new one")
 
     def wait(self) -> None:
-        """Block until the pending async save (if any) is committed and retention applied.
+        """Block until the pending async save (if any) is committed (and uploaded) and retention applied.
 
         Space of the steps retention dropped may still be being freed; the next
         ``save`` and :meth:`close` wait for that too.
@@ -337,6 +348,8 @@ class CheckpointManager:
             CheckpointError, StorageError, DistributedError, ...: what the background save raised.
         """
         self._writer.wait()
+        if self._tiers:
+            self._tiers.wait()
 
     def close(self) -> None:
         """Wait for pending work and free the staging buffers; the manager cannot save or restore afterwards.
@@ -348,6 +361,8 @@ class CheckpointManager:
             return
         try:
             self._writer.close()
+            if self._tiers:
+                self._tiers.close()
             self._reclaimer.close()
         finally:
             self._closed = True
@@ -378,7 +393,7 @@ def resume_from_latest(directory: Any, *, model: nn.Module, optimizer: Any = Non
     Returns:
         Restored step + 1, or 0 when nothing is committed yet.
     """
-    options = kwargs.pop("storage_options", None)
-    with CheckpointManager(directory, max_to_keep=None, storage_options=options) as manager:
+    options, local = kwargs.pop("storage_options", None), kwargs.pop("local_dir", None)
+    with CheckpointManager(directory, max_to_keep=None, storage_options=options, local_dir=local) as manager:
         restored = manager.restore(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, **kwargs)
     return 0 if restored is None else restored.step + 1

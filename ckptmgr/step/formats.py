@@ -51,10 +51,15 @@ class StepFormat:
 
     # ------------------------------------------------------------------ save
 
-    def collect(self, step: int, objs: TrainingObjects, metrics: Any, meta: Any, rank: int, world: int) -> Snapshot:
-        """This rank's share of the step (live tensors): RNG everywhere, the replicated state on rank 0."""
+    def collect(self, step: int, objs: TrainingObjects, metrics: Any, meta: Any, rank: int, world: int,
+                replicated: Optional[bool] = None) -> Snapshot:
+        """This rank's share of the step (live tensors): RNG everywhere, the replicated state on rank 0.
+
+        ``replicated`` overrides who collects the replicated state (a tiered
+        save has the first rank of every node write it to that node's disk).
+        """
         snapshot = Snapshot(step=step, rng=objects.rng_state(distributed=world > 1))
-        if rank == 0:
+        if (rank == 0) if replicated is None else replicated:
             snapshot.metrics = objects.clean_metrics(metrics)
             snapshot.components = {
                 "optimizer": None if self.owns_optimizer else objects.named_state(objs.optimizer, "optimizer"),
@@ -73,15 +78,16 @@ class StepFormat:
                         snapshot.sharded)
 
     def write(self, store: Store, prefix: str, snapshot: Snapshot, rank: int, group: Any = None) -> RankFiles:
-        """Write this rank's files into ``store`` (names start with ``prefix``); report them for the manifest."""
+        """Write this rank's files into ``store`` (names start with ``prefix``); report them for the manifest.
+
+        The replicated files are written by whichever rank collected them (see :meth:`collect`).
+        """
         jobs: Dict[str, Callable[[], Any]] = {}
-        if rank == 0:
-            if snapshot.model is not None:
-                jobs["model"] = functools.partial(write_model, store, *snapshot.model, prefix=prefix)
-            for comp in COMPONENTS:
-                if snapshot.components.get(comp) is not None:
-                    jobs[comp] = functools.partial(write_component, store, comp, snapshot.components[comp],
-                                                   prefix=prefix)
+        if snapshot.model is not None:
+            jobs["model"] = functools.partial(write_model, store, *snapshot.model, prefix=prefix)
+        for comp in COMPONENTS:
+            if snapshot.components.get(comp) is not None:
+                jobs[comp] = functools.partial(write_component, store, comp, snapshot.components[comp], prefix=prefix)
         jobs["rng"] = functools.partial(write_component, store, f"rng-rank{rank:05d}", snapshot.rng, prefix=prefix)
         done = run_concurrently(jobs, "ckptmgr-write")
         rng_name, rng_entry = done.pop("rng")
@@ -174,9 +180,10 @@ class PlainFormat(StepFormat):
 
     name = "plain"
 
-    def collect(self, step: int, objs: TrainingObjects, metrics: Any, meta: Any, rank: int, world: int) -> Snapshot:
-        snapshot = super().collect(step, objs, metrics, meta, rank, world)
-        if rank == 0:
+    def collect(self, step: int, objs: TrainingObjects, metrics: Any, meta: Any, rank: int, world: int,
+                replicated: Optional[bool] = None) -> Snapshot:
+        snapshot = super().collect(step, objs, metrics, meta, rank, world, replicated)
+        if (rank == 0) if replicated is None else replicated:
             snapshot.model = objects.model_state(objs.model)
         return snapshot
 
@@ -192,9 +199,10 @@ class ShardedFormat(StepFormat):
         from ..sharded.engine import Stager
         self._stager = Stager()
 
-    def collect(self, step: int, objs: TrainingObjects, metrics: Any, meta: Any, rank: int, world: int) -> Snapshot:
+    def collect(self, step: int, objs: TrainingObjects, metrics: Any, meta: Any, rank: int, world: int,
+                replicated: Optional[bool] = None) -> Snapshot:
         from ..sharded.engine import collect
-        snapshot = super().collect(step, objs, metrics, meta, rank, world)
+        snapshot = super().collect(step, objs, metrics, meta, rank, world, replicated)
         snapshot.sharded = collect(objs.model, objs.optimizer)
         return snapshot
 

@@ -67,7 +67,7 @@ def test_two_nodes_commit_locally_read_locally_and_a_wiped_node_reads_the_persis
         whole = json.load(fh)
     assert sorted(whole["files"]) == ["extra.json", "meta.json", "model.safetensors", "optimizer.json",
                                       "rng-rank00000.safetensors", "rng-rank00001.safetensors"]
-    for rank, node in enumerate(nodes):
+    for node in nodes:
         with open(os.path.join(node, "manifest.json")) as fh:
             mine = json.load(fh)
         assert mine["time"] == whole["time"] and mine["components"] == whole["components"]

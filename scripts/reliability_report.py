@@ -32,12 +32,15 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--flips", type=int, default=100, help="random bit flips per file kind")
     parser.add_argument("--http-rounds", type=int, default=3, help="rounds of every HTTP fault")
     parser.add_argument("--s3-rounds", type=int, default=30, help="S3 save+restore rounds at 10%% faults")
+    parser.add_argument("--tiered-kills", type=int, default=20, help="random kill -9 rounds of tiered saves")
+    parser.add_argument("--tiered-named", type=int, default=2, help="tiered kills per named fault point")
+    parser.add_argument("--tiered-damage", type=int, default=10, help="wiped or damaged local tier rounds")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return parser.parse_args()
 
 
 def _scenarios(args: argparse.Namespace):
-    from reliability import concurrency, corruption, http_faults, kills, malicious, s3_faults, saves
+    from reliability import concurrency, corruption, http_faults, kills, malicious, s3_faults, saves, tiered
     from reliability.common import new_bucket, s3_env, start_moto
     from tests.support.httpserver import FileServer
     yield lambda: kills.run_kills(args.kills, async_save=False)
@@ -56,6 +59,8 @@ def _scenarios(args: argparse.Namespace):
             yield lambda: http_faults.run_http_faults(server, rounds=args.http_rounds)
         yield lambda: s3_faults.run_s3_faults(moto.endpoint, args.s3_rounds, rate=0.1)
         yield lambda: concurrency.run_concurrency(s3_url=f"s3://{new_bucket(moto.endpoint)}")
+        yield lambda: tiered.run_tiered_kills(args.tiered_kills, args.tiered_named, f"s3://{new_bucket(moto.endpoint)}")
+        yield lambda: tiered.run_tiered_damage(args.tiered_damage, f"s3://{new_bucket(moto.endpoint)}")
     finally:
         moto.stop()
 

@@ -116,6 +116,7 @@ class TieredSteps:
         self._broken: List[int] = []
         self._known: Set[int] = set()
         self._owed = False
+        self._error: Optional[BaseException] = None
         self.note(self.scan(f"opening the local tier {local.root}"))
 
     # ------------------------------------------------------------------ the view
@@ -209,20 +210,21 @@ class TieredSteps:
         """Start uploading every owed step in the background (one upload job in flight).
 
         Raises:
-            Exception: the previous upload job's error (raised after the new job is started).
+            Exception: an earlier upload job's error (raised after the new job is started).
         """
-        error = self._settle_uploads()
+        self._settle_uploads()
         self._owed = False
         self.uploader.submit(self._upload_owed, what="uploading checkpoints")
+        error, self._error = self._error, None
         if error is not None:
             raise error
 
-    def _settle_uploads(self) -> Optional[BaseException]:
+    def _settle_uploads(self) -> None:
+        """Wait for the upload job in flight; keep its error for the caller of :meth:`schedule_upload`."""
         try:
             self.uploader.wait()
-        except Exception as exc:  # raised to the caller once the next job is under way
-            return exc
-        return None
+        except Exception as exc:
+            self._error = self._error or exc
 
     def upload(self, step: int, view: TierView, group: Any = None) -> None:
         """Upload one owed step now (a collective) and record it in ``view``."""
@@ -307,9 +309,12 @@ class TieredSteps:
         """Block until the upload job in flight is done.
 
         Raises:
-            Exception: what it raised.
+            Exception: what it (or an earlier job) raised.
         """
-        self.uploader.wait()
+        self._settle_uploads()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
     def close(self) -> None:
         """Upload what is owed, wait, and release the local tier.
@@ -320,6 +325,7 @@ class TieredSteps:
         try:
             if self._owed:
                 self.schedule_upload()
+            self.wait()
         finally:
             try:
                 self.uploader.close()

@@ -1,4 +1,4 @@
-"""The tiered scenario with small counts: kills during the local commit, the upload and retention; wiped and damaged local tiers."""
+"""The tiered scenario, small counts: kills in the local commit, the upload and retention; wiped and damaged tiers."""
 import pytest
 
 from reliability import tiered

@@ -206,3 +206,27 @@ def test_bad_local_dir_arguments(tiers, s3):
     with pytest.raises(ValueError, match="local_max_to_keep"):
         CheckpointManager(url, local_dir=local, local_max_to_keep=-1, storage_options=options)
     assert ckptmgr.resume_from_latest(url, model=model(), local_dir=local, storage_options=options) == 0
+
+
+def test_a_sharded_step_goes_through_both_tiers(tmp_path):
+    persistent, local = str(tmp_path / "persistent"), str(tmp_path / "local")
+    torch.manual_seed(0)
+    net = nn.Linear(4, 4)
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.ones(1, 4)).sum().backward()
+    opt.step()
+    with CheckpointManager(persistent, local_dir=local, sharded=True) as mgr:
+        mgr.save(1, model=net, optimizer=opt)
+    names = ["__0_0.distcp", "dcp.metadata", "manifest.json", "meta.json", "rng-rank00000.safetensors"]
+    assert sorted(os.listdir(os.path.join(local, "step_00000001"))) == names
+    assert sorted(os.listdir(os.path.join(persistent, "step_00000001"))) == names
+    for where in ("local", "persistent"):
+        if where == "persistent":
+            shutil.rmtree(local)
+        fresh = nn.Linear(4, 4)
+        fresh_opt = torch.optim.Adam(fresh.parameters())
+        with CheckpointManager(persistent, local_dir=local, sharded=True) as mgr:
+            got = mgr.restore(model=fresh, optimizer=fresh_opt)
+        assert got.path == os.path.join(local if where == "local" else persistent, "step_00000001")
+        assert torch.equal(fresh.weight, net.weight)
+        assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])

@@ -48,12 +48,16 @@ def run(state_mib: float, repeats: int, scratch: str) -> dict:
             manager.wait()   # the previous upload is done: the loop saves less often than an upload takes
             return timed(one)
 
+        def restore(manager):
+            manager.wait()
+            return timed(lambda: manager.restore(model=model, optimizer=opt))
+
         samples = interleave({
             "tiered_save": lambda: save(tiered, "tiered"),
             "tiered_save_and_wait": lambda: save(tiered, "tiered", then_wait=True),
             "s3_save": lambda: save(direct, "direct"),
-            "tiered_restore_local": lambda: (tiered.wait(), timed(lambda: tiered.restore(model=model, optimizer=opt)))[1],
-            "s3_restore": lambda: timed(lambda: direct.restore(model=model, optimizer=opt)),
+            "tiered_restore_local": lambda: restore(tiered),
+            "s3_restore": lambda: restore(direct),
         }, repeats)
         tiered.close()
         direct.close()

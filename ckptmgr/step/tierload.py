@@ -115,7 +115,7 @@ def restore_tiered(tiers: Any, formats: Formats, objs: TrainingObjects, step: Op
         CheckpointNotFoundError: ``step`` is neither persistent nor held by every node.
         ChecksumError, CorruptCheckpointError: ``step`` is damaged, or every step is (on every rank).
     """
-    view = tiers.scan(f"restoring from {tiers.p.store.root}")
+    view = tiers.scan(f"restoring from {tiers.p.store.root}", tolerant=True)
     tiers.note(view)
     opts = {"verify": verify, "map_location": map_location, "in_place": in_place}
     candidates = view.restorable()

@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from ..distributed import agree, get_world_size, new_control_group
 from ..distributed.nodes import node_layout
-from ..errors import CheckpointExistsError, CorruptCheckpointError, StorageError
+from ..errors import CheckpointError, CheckpointExistsError, CorruptCheckpointError, StorageError
 from ..faults import fault_point
 from ..io.access import open_store
 from ..io.store import Store
@@ -117,20 +117,32 @@ class TieredSteps:
         self._known: Set[int] = set()
         self._owed = False
         self._error: Optional[BaseException] = None
-        self.note(self.scan(f"opening the local tier {local.root}"))
+        self.note(self.scan(f"opening the local tier {local.root}", tolerant=True))
 
     # ------------------------------------------------------------------ the view
 
-    def scan(self, what: str, group: Any = None) -> TierView:
-        """Agree on what both tiers hold (a collective): leaders list their local tier, rank 0 the persistent one."""
+    def scan(self, what: str, group: Any = None, tolerant: bool = False) -> TierView:
+        """Agree on what both tiers hold (a collective): leaders list their local tier, rank 0 the persistent one.
+
+        With ``tolerant``, an unreachable persistent tier counts as empty (a restore can go by the local tiers).
+        """
         def report() -> Dict[str, Any]:
             out: Dict[str, Any] = {"local": {}, "broken": [], "persistent": {}}
             if self.layout.is_leader:
                 check_marker(self.local, self.p.store.root)
                 out["local"], out["broken"] = scan_local(self.local)
             if self.layout.rank == 0:
-                with self.p.lock:
-                    out["persistent"] = {s: i.time for s, i in self.p.index.refresh().items()}
+                try:
+                    with self.p.lock:
+                        out["persistent"] = {s: i.time for s, i in self.p.index.refresh().items()}
+                except Exception as exc:  # the network, the endpoint, credentials: whatever the client raises
+                    if not tolerant:
+                        if isinstance(exc, CheckpointError):
+                            raise
+                        raise StorageError(f"listing {self.p.store.root} failed: {type(exc).__name__}: {exc}",
+                                           "check the network and the endpoint; the upload is retried with the "
+                                           "next save") from exc
+                    logger.warning("cannot list %s (%s); going by the local tiers alone", self.p.store.root, exc)
             return out
         view = TierView.from_replies(agree(f"{what} (scan)", report, group), self.layout.leaders)
         view.skip = list(self._skip)

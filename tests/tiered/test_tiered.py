@@ -230,3 +230,17 @@ def test_a_sharded_step_goes_through_both_tiers(tmp_path):
         assert got.path == os.path.join(local if where == "local" else persistent, "step_00000001")
         assert torch.equal(fresh.weight, net.weight)
         assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_with_the_object_store_unreachable_a_job_restores_from_the_local_tiers(tiers):
+    url, local, options = tiers
+    _save_three(url, local, options)
+    from tests.support.multiproc import free_port
+    dead = {"endpoint_url": f"http://127.0.0.1:{free_port()}", "key": "testing", "secret": "testing",
+            "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}, "connect_timeout": 1}}
+    mgr = CheckpointManager(url, local_dir=local, storage_options=dead)
+    net = model()
+    got = mgr.restore(model=net)
+    assert got.step == 3 and got.path == os.path.join(local, "step_00000003") and weight(net) == 3.0
+    with pytest.raises(ckptmgr.StorageError, match="listing"):   # the upload owed (as it seems) fails, typed
+        mgr.close()

@@ -90,9 +90,8 @@ class CheckpointManager:
             reshards to any number of ranks. Its metadata is a pickle, checked
             against the manifest before it is read: sharded checkpoints are only
             as trustworthy as their source.
-        local_dir: A path on each node's own disk: saves commit there first, then upload to ``directory``
-            in the background (see :mod:`ckptmgr.step.tiers`; the constructor is then a collective).
-        local_max_to_keep: Local copies of persistent steps each node keeps.
+        local_dir, local_max_to_keep: A path on each node's own disk where saves commit first (then upload to
+            ``directory``), and the local copies of persistent steps each node keeps (:mod:`ckptmgr.step.tiers`).
 
     Raises:
         ValueError: an argument is out of range (see :func:`ckptmgr.retention.build_policy`).
@@ -107,8 +106,7 @@ class CheckpointManager:
         self.directory: str = self.store.root
         self.best_metric, self.best_mode = best_metric, best_mode
         self.policy = build_policy(max_to_keep, keep_every_n_steps, best_metric, best_mode, keep_best)
-        self.storage_options = storage_options
-        self.async_save = bool(async_save)
+        self.storage_options, self.async_save = storage_options, bool(async_save)
         self.formats = Formats(sharded)
         self.sharded = self.formats.setting
         self.index = StepIndex(self.store)
@@ -369,6 +367,8 @@ class CheckpointManager:
             self._staging.release()
             self.formats.release()
             self._owner.release()
+            if self._tiers:
+                self._tiers.release()
 
     def __enter__(self) -> "CheckpointManager":
         return self

@@ -329,17 +329,20 @@ class TieredSteps:
             raise error
 
     def close(self) -> None:
-        """Upload what is owed, wait, and release the local tier.
+        """Upload what is owed and wait for it (:meth:`release` then frees the thread and the local tier).
 
         Raises:
-            Exception: what an upload raised (the tier is released all the same).
+            Exception: what an upload raised.
         """
+        if self._owed:
+            self.schedule_upload()
+        self.wait()
+
+    def release(self) -> None:
+        """Stop the upload thread (after its job) and release the local tier; never raises."""
         try:
-            if self._owed:
-                self.schedule_upload()
-            self.wait()
+            self.uploader.close()
+        except Exception as exc:  # close() already reported what it could; this one only ends the thread
+            logger.warning("an upload failed while the manager closed: %s", exc)
         finally:
-            try:
-                self.uploader.close()
-            finally:
-                self.owner.release()
+            self.owner.release()

@@ -205,7 +205,7 @@ class CheckpointManager:
             raise error  # nobody else to tell: fail right here
         self._writer.submit(lambda: self._write_and_commit(fmt, snapshot, error, force, group=self._async_group),
                             what=f"checkpoint step {step}")
-        return self._step_uri(step)
+        return self._tiers.local.uri(step_name(step)) if self._tiers else self._step_uri(step)
 
     def _collect(self, fmt: StepFormat, step: int, objs: TrainingObjects, metrics: Any, meta: Any,
                  stage: bool) -> Tuple[Snapshot, Optional[Exception]]:

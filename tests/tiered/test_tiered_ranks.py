@@ -1,7 +1,9 @@
 """Tiered checkpoints on 2 real gloo ranks, each rank its own "node" with its own local disk.
 
-Cheaper than the torchrun launches of tests/integration/test_tiered_nodes.py, so
-the node-level rules are checked here: what each node's copy holds, that
+The saves are async (the local commit runs on the writer thread, the upload on
+its own thread, each with its own process group). Cheaper than the torchrun
+launches of tests/integration/test_tiered_nodes.py, so the node-level rules are
+checked here: what each node's copy holds, that
 replicated files are the same bytes on every node (rank-dependent ``extra`` and
 ``meta`` are replaced by rank 0's), that each rank reads its own node's copy,
 and that a wiped node reads the persistent copy while the other reads locally.
@@ -32,7 +34,7 @@ def _job(rank, world, persistent, local_root, phase):
     net = torch.nn.Linear(4, 4)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     local = os.path.join(local_root, f"node{rank}")
-    with CheckpointManager(persistent, max_to_keep=3, local_dir=local) as mgr:
+    with CheckpointManager(persistent, max_to_keep=3, local_dir=local, async_save=phase == "save") as mgr:
         if phase == "save":
             for step in (1, 2):
                 with torch.no_grad():

@@ -6,8 +6,7 @@ from reliability.common import new_bucket
 
 pytestmark = pytest.mark.timeout(300)
 
-POINTS = ["tier.before_local_commit", "tier.after_local_commit", "upload.after_file:2", "upload.before_manifest",
-          "tier.after_local_delete"]
+POINTS = ["tier.after_local_commit", "upload.before_manifest", "tier.after_local_delete"]
 
 
 def test_kills_leave_only_committed_steps_and_the_restart_uploads_what_was_local(s3, moto_server):

@@ -24,69 +24,73 @@ pytestmark = pytest.mark.timeout(240)
 ENV = {"CKPTMGR_DIST_TIMEOUT": "30", "OMP_NUM_THREADS": "1"}
 
 
-def _job(rank, world, persistent, local_root, phase):
+def _files(directory):
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name), "rb") as fh:
+            out[name] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def _job(rank, world, persistent, local_root):
     import torch
 
     from ckptmgr import CheckpointManager
+    from ckptmgr.distributed import barrier
 
     os.environ["GROUP_RANK"] = str(rank)   # each rank on its own node
     torch.manual_seed(0)
     net = torch.nn.Linear(4, 4)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     local = os.path.join(local_root, f"node{rank}")
-    with CheckpointManager(persistent, max_to_keep=3, local_dir=local, async_save=phase == "save") as mgr:
-        if phase == "save":
-            for step in (1, 2):
-                with torch.no_grad():
-                    net.weight.fill_(step)
-                mgr.save(step, model=net, optimizer=opt, extra={"rank": rank, "step": step}, meta={"rank": rank})
-            mgr.wait()
-            return mgr.all_steps()
+    with CheckpointManager(persistent, max_to_keep=3, local_dir=local, async_save=True) as mgr:
+        for step in (1, 2):
+            with torch.no_grad():
+                net.weight.fill_(step)
+            mgr.save(step, model=net, optimizer=opt, extra={"rank": rank, "step": step}, meta={"rank": rank})
+        mgr.wait()
+        steps = mgr.all_steps()
+    node_files = _files(os.path.join(local, "step_00000002"))
+    restores = []
+    for wiped in (False, True):
+        if wiped:
+            barrier(timeout=30)
+            if rank == 1:
+                shutil.rmtree(local)                          # node 1 is replaced
+            barrier(timeout=30)
         torch.manual_seed(rank + 7)
         fresh = torch.nn.Linear(4, 4)
-        got = mgr.restore(model=fresh)
-        return [got.step, got.path, float(fresh.weight[0, 0]), got.extra, got.meta["user"]]
-
-
-def _sha(path):
-    with open(path, "rb") as fh:
-        return hashlib.sha256(fh.read()).hexdigest()
+        with CheckpointManager(persistent, max_to_keep=3, local_dir=local) as mgr:
+            got = mgr.restore(model=fresh)
+        restores.append([got.step, got.path, float(fresh.weight[0, 0]), got.extra, got.meta["user"]])
+    return {"steps": steps, "files": node_files, "restores": restores, "listing": sorted(os.listdir(local_root))}
 
 
 def test_two_nodes_commit_locally_read_locally_and_a_wiped_node_reads_the_persistent_copy(tmp_path):
     persistent, local_root = str(tmp_path / "persistent"), str(tmp_path / "local")
-    results = run_ranks(_job, 2, persistent, local_root, "save", env=ENV, timeout=150)
-    assert results == [("ok", [1, 2]), ("ok", [1, 2])], results
-
+    results = run_ranks(_job, 2, persistent, local_root, env=ENV, timeout=180)
+    assert [status for status, _ in results] == ["ok", "ok"], results
     nodes = [os.path.join(local_root, f"node{r}", "step_00000002") for r in (0, 1)]
-    for rank, node in enumerate(nodes):
-        names = sorted(os.listdir(node))
-        assert names == ["extra.json", "manifest.json", "meta.json", "model.safetensors", "optimizer.json",
-                         f"rng-rank{rank:05d}.safetensors"], names
-    for name in ("extra.json", "meta.json", "model.safetensors", "optimizer.json"):   # the same bytes on each node
-        assert _sha(os.path.join(nodes[0], name)) == _sha(os.path.join(nodes[1], name)), name
+    replicated = ["extra.json", "meta.json", "model.safetensors", "optimizer.json"]
+    for rank, (_, got) in enumerate(results):
+        assert got["steps"] == [1, 2]
+        assert sorted(got["files"]) == sorted(replicated + ["manifest.json", f"rng-rank{rank:05d}.safetensors"])
+    for name in replicated:                                   # the same bytes on each node
+        assert results[0][1]["files"][name] == results[1][1]["files"][name], name
     with open(os.path.join(persistent, "step_00000002", "manifest.json")) as fh:
         whole = json.load(fh)
-    assert sorted(whole["files"]) == ["extra.json", "meta.json", "model.safetensors", "optimizer.json",
-                                      "rng-rank00000.safetensors", "rng-rank00001.safetensors"]
-    for node in nodes:
-        with open(os.path.join(node, "manifest.json")) as fh:
-            mine = json.load(fh)
-        assert mine["time"] == whole["time"] and mine["components"] == whole["components"]
-        assert all(whole["files"][n] == e for n, e in mine["files"].items())
+    assert sorted(whole["files"]) == replicated + ["rng-rank00000.safetensors", "rng-rank00001.safetensors"]
+    with open(os.path.join(nodes[0], "manifest.json")) as fh:
+        mine = json.load(fh)
+    assert mine["time"] == whole["time"] and mine["components"] == whole["components"]
+    assert all(whole["files"][n] == e for n, e in mine["files"].items())
     assert sorted(os.listdir(os.path.dirname(nodes[0]))) == [".ckptmgr-owner.json", ".ckptmgr-tier.json",
                                                              ".ckptmgr.lock", "step_00000002"]
-
-    results = run_ranks(_job, 2, persistent, local_root, "restore", env=ENV, timeout=150)
-    assert [r[0] for r in results] == ["ok", "ok"], results
-    for rank, (_, (step, path, value, extra, meta)) in enumerate(results):
-        assert (step, path, value) == (2, nodes[rank], 2.0)          # each node read its own copy
-        assert extra == {"rank": 0, "step": 2} and meta == {"rank": 0}   # rank 0's, as from the persistent copy
-
-    shutil.rmtree(os.path.join(local_root, "node1"))                  # node 1 is replaced
-    results = run_ranks(_job, 2, persistent, local_root, "restore", env=ENV, timeout=150)
-    assert [r[0] for r in results] == ["ok", "ok"], results
-    (_, first), (_, second) = results
-    assert first[:3] == [2, nodes[0], 2.0]                            # node 0 still reads locally
-    assert second[:3] == [2, os.path.join(persistent, "step_00000002"), 2.0]
+    for rank, (_, got) in enumerate(results):
+        step, path, value, extra, meta = got["restores"][0]
+        assert (step, path, value) == (2, nodes[rank], 2.0)            # each node read its own copy
+        assert extra == {"rank": 0, "step": 2} and meta == {"rank": 0}   # rank 0's, as in the persistent copy
+    first, second = results[0][1]["restores"][1], results[1][1]["restores"][1]
+    assert first[:3] == [2, nodes[0], 2.0]                               # node 0 still reads locally
+    assert second[:3] == [2, os.path.join(persistent, "step_00000002"), 2.0]   # the replaced node: the persistent copy
     assert second[3] == {"rank": 0, "step": 2}

@@ -4,7 +4,7 @@ Each launch is one node (``--nnodes=2 --nproc_per_node=2``) with its own
 ``local_dir`` and its own request-logging proxy in front of one moto S3 server,
 so the test counts, per node, the data files read from S3. One combined run:
 
-1. the job saves steps 4 and 9; rank 0 is killed (SIGKILL) while uploading step
+1. the job (20 steps) saves steps 4 and 9; rank 0 is killed (SIGKILL) while uploading step
    9, right before the manifest, and the test then kills -9 every other process:
    S3 holds only committed steps (9's data objects stay uncommitted);
 2. the restarted job resumes from the step committed on both local disks (no
@@ -39,6 +39,7 @@ pytestmark = pytest.mark.timeout(600)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(ROOT, "tests", "integration", "tiered_worker.py")
 KILL_AT = "upload.before_manifest:2"   # rank 0, the second upload (step 9), all data up, manifest not
+STEPS = ["--steps", "20", "--stop-at", "20"]   # saves at steps 4, 9, 14, 19
 
 
 def _env(endpoint: str, **extra: str) -> Dict[str, str]:
@@ -99,7 +100,7 @@ def _torchrun(node: Optional[int], port: int, args: List[str]) -> List[str]:
 
 def _pair(url: str, locals_: List[str], proxies: List[FaultProxy], **extra: str) -> List[Launch]:
     port = free_port()
-    return [Launch(_torchrun(node, port, ["--dir", url, "--local-dir", locals_[node]]),
+    return [Launch(_torchrun(node, port, ["--dir", url, "--local-dir", locals_[node]] + STEPS),
                    _env(proxies[node].endpoint, **extra)) for node in (0, 1)]
 
 
@@ -127,7 +128,7 @@ def test_two_nodes_kill_during_upload_restart_local_restore_and_a_replaced_node(
     s3fs.S3FileSystem().mkdir(bucket)
     url = f"s3://{bucket}/run"
     locals_ = [str(tmp_path / "node0"), str(tmp_path / "node1")]
-    reference = Launch(_torchrun(None, 0, ["--dir", str(tmp_path / "reference")]), _env(moto_server))
+    reference = Launch(_torchrun(None, 0, ["--dir", str(tmp_path / "reference")] + STEPS), _env(moto_server))
     with FaultProxy(moto_server) as p0, FaultProxy(moto_server) as p1:
         proxies = [p0, p1]
 
@@ -160,17 +161,18 @@ def test_two_nodes_kill_during_upload_restart_local_restore_and_a_replaced_node(
         assert ("PUT", uploaded) in p0.requests[marks[0]:] or ("POST", uploaded) in p0.requests[marks[0]:]
         digests = {e["digest"] for launch in second for e in launch.of("done")}
         assert len(digests) == 1
-        assert [e.step for e in inventory.scan_directory(url) if e.status == "committed"] == [19, 24, 29]
+        persistent = [e.step for e in inventory.scan_directory(url) if e.status == "committed"]
+        assert resume in persistent and persistent[-1] == 19 and len(persistent) == 3, persistent
 
         # 3. node 1 is replaced (empty disk): it reads from S3, node 0 from its disk
         shutil.rmtree(locals_[1])
         marks = [len(p.requests) for p in proxies]
         third = _pair(url, locals_, proxies)
         _finish(third)
-        assert [e["path"] for e in third[0].of("resumed")] == [os.path.join(locals_[0], "step_00000029")] * 2
-        assert [e["path"] for e in third[1].of("resumed")] == [f"{url}/step_00000029"] * 2
+        assert [e["path"] for e in third[0].of("resumed")] == [os.path.join(locals_[0], "step_00000019")] * 2
+        assert [e["path"] for e in third[1].of("resumed")] == [f"{url}/step_00000019"] * 2
         assert data_gets(p0, marks[0]) == []
-        assert any(path.endswith("/step_00000029/model.safetensors") for path in data_gets(p1, marks[1]))
+        assert any(path.endswith("/step_00000019/model.safetensors") for path in data_gets(p1, marks[1]))
         assert {e["digest"] for launch in third for e in launch.of("done")} == digests
 
     _finish([reference])

@@ -3,7 +3,8 @@
 The saves are async (the local commit runs on the writer thread, the upload on
 its own thread, each with its own process group). Cheaper than the torchrun
 launches of tests/integration/test_tiered_nodes.py, so the node-level rules are
-checked here: what each node's copy holds, that
+checked here: what each node's copy holds, that a node that fails to commit
+makes the others roll theirs back, that
 replicated files are the same bytes on every node (rank-dependent ``extra`` and
 ``meta`` are replaced by rank 0's), that each rank reads its own node's copy,
 and that a wiped node reads the persistent copy while the other reads locally.
@@ -51,6 +52,17 @@ def _job(rank, world, persistent, local_root):
         mgr.wait()
         steps = mgr.all_steps()
     node_files = _files(os.path.join(local, "step_00000002"))
+    # node 1 fails before its local commit, node 0 after its own: node 0 rolls its copy back
+    os.environ.update(CKPTMGR_FAULT_POINT="tier.before_local_commit", CKPTMGR_FAULT_ACTION="raise",
+                      CKPTMGR_FAULT_RANK="1")
+    with CheckpointManager(persistent, max_to_keep=3, local_dir=local) as mgr:
+        try:
+            mgr.save(3, model=net)
+            failed = None
+        except Exception as exc:
+            failed = type(exc).__name__
+        after = [mgr.all_steps(), sorted(os.listdir(local))]
+    del os.environ["CKPTMGR_FAULT_POINT"]
     restores = []
     for wiped in (False, True):
         if wiped:
@@ -63,7 +75,7 @@ def _job(rank, world, persistent, local_root):
         with CheckpointManager(persistent, max_to_keep=3, local_dir=local) as mgr:
             got = mgr.restore(model=fresh)
         restores.append([got.step, got.path, float(fresh.weight[0, 0]), got.extra, got.meta["user"]])
-    return {"steps": steps, "files": node_files, "restores": restores, "listing": sorted(os.listdir(local_root))}
+    return {"steps": steps, "files": node_files, "failed": failed, "after": after, "restores": restores}
 
 
 def test_two_nodes_commit_locally_read_locally_and_a_wiped_node_reads_the_persistent_copy(tmp_path):
@@ -75,6 +87,10 @@ def test_two_nodes_commit_locally_read_locally_and_a_wiped_node_reads_the_persis
     for rank, (_, got) in enumerate(results):
         assert got["steps"] == [1, 2]
         assert sorted(got["files"]) == sorted(replicated + ["manifest.json", f"rng-rank{rank:05d}.safetensors"])
+    assert [got["failed"] for _, got in results] == ["DistributedError", "InjectedFault"]
+    for _, got in results:
+        assert got["after"] == [[1, 2], [".ckptmgr-owner.json", ".ckptmgr-tier.json", ".ckptmgr.lock",
+                                         "step_00000002"]]          # no step 3 anywhere, no leftovers
     for name in replicated:                                   # the same bytes on each node
         assert results[0][1]["files"][name] == results[1][1]["files"][name], name
     with open(os.path.join(persistent, "step_00000002", "manifest.json")) as fh:
@@ -84,8 +100,6 @@ def test_two_nodes_commit_locally_read_locally_and_a_wiped_node_reads_the_persis
         mine = json.load(fh)
     assert mine["time"] == whole["time"] and mine["components"] == whole["components"]
     assert all(whole["files"][n] == e for n, e in mine["files"].items())
-    assert sorted(os.listdir(os.path.dirname(nodes[0]))) == [".ckptmgr-owner.json", ".ckptmgr-tier.json",
-                                                             ".ckptmgr.lock", "step_00000002"]
     for rank, (_, got) in enumerate(results):
         step, path, value, extra, meta = got["restores"][0]
         assert (step, path, value) == (2, nodes[rank], 2.0)            # each node read its own copy

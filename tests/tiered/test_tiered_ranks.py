@@ -4,10 +4,10 @@ The saves are async (the local commit runs on the writer thread, the upload on
 its own thread, each with its own process group). Cheaper than the torchrun
 launches of tests/integration/test_tiered_nodes.py, so the node-level rules are
 checked here: what each node's copy holds, that a node that fails to commit
-makes the others roll theirs back, that
-replicated files are the same bytes on every node (rank-dependent ``extra`` and
-``meta`` are replaced by rank 0's), that each rank reads its own node's copy,
-and that a wiped node reads the persistent copy while the other reads locally.
+makes the others roll theirs back, that replicated files are the same bytes on
+every node (rank-dependent ``extra`` and ``meta`` are replaced by rank 0's),
+that each rank reads its own node's copy, and that a wiped node reads the
+persistent copy while the other reads locally.
 """
 from __future__ import annotations
 

@@ -129,51 +129,54 @@ def test_two_nodes_kill_during_upload_restart_local_restore_and_a_replaced_node(
     url = f"s3://{bucket}/run"
     locals_ = [str(tmp_path / "node0"), str(tmp_path / "node1")]
     reference = Launch(_torchrun(None, 0, ["--dir", str(tmp_path / "reference")] + STEPS), _env(moto_server))
-    with FaultProxy(moto_server) as p0, FaultProxy(moto_server) as p1:
-        proxies = [p0, p1]
+    try:
+        with FaultProxy(moto_server) as p0, FaultProxy(moto_server) as p1:
+            proxies = [p0, p1]
 
-        # 1. rank 0 dies right before the manifest of step 9's upload; then every other process is killed -9
-        first = _pair(url, locals_, proxies, CKPTMGR_FAULT_POINT=KILL_AT, CKPTMGR_FAULT_RANK="0")
-        try:
-            first[0].proc.wait(timeout=240)          # node 0's agent ends once its rank 0 is dead
-        finally:
-            for launch in first:
-                launch.kill()
-        assert f"fault injected at {KILL_AT.split(':')[0]}" in first[0].stderr(tail=10**7), first[0].stderr()
-        entries = inventory.scan_directory(url)
-        assert [e.step for e in entries if e.status == "committed"] == [4]
-        assert {"step": 9, "status": "uncommitted"} in [{"step": e.step, "status": e.status} for e in entries]
-        assert all(check.ok for check in inventory.verify(url) if check.status == "checked")
-        both = sorted(set(_committed_locally(locals_[0])) & set(_committed_locally(locals_[1])))
-        resume = both[-1]
-        assert resume >= 9, both                     # committed on both disks, not in S3
+            # 1. rank 0 dies right before the manifest of step 9's upload; then every other process is killed -9
+            first = _pair(url, locals_, proxies, CKPTMGR_FAULT_POINT=KILL_AT, CKPTMGR_FAULT_RANK="0")
+            try:
+                first[0].proc.wait(timeout=240)          # node 0's agent ends once its rank 0 is dead
+            finally:
+                for launch in first:
+                    launch.kill()
+            assert f"fault injected at {KILL_AT.split(':')[0]}" in first[0].stderr(tail=10**7), first[0].stderr()
+            entries = inventory.scan_directory(url)
+            assert [e.step for e in entries if e.status == "committed"] == [4]
+            assert {"step": 9, "status": "uncommitted"} in [{"step": e.step, "status": e.status} for e in entries]
+            assert all(check.ok for check in inventory.verify(url) if check.status == "checked")
+            both = sorted(set(_committed_locally(locals_[0])) & set(_committed_locally(locals_[1])))
+            resume = both[-1]
+            assert resume >= 9, both                     # committed on both disks, not in S3
 
-        # 2. restart: resume from the local copies (no data file read from S3), upload it, train to the end
-        marks = [len(p.requests) for p in proxies]
-        second = _pair(url, locals_, proxies)
-        _finish(second)
-        for node, launch in enumerate(second):
-            resumed = launch.of("resumed")
-            assert [(e["step"], e["path"]) for e in resumed] == \
-                [(resume, os.path.join(locals_[node], f"step_{resume:08d}"))] * 2, resumed
-            assert data_gets(proxies[node], marks[node]) == [], node
-        uploaded = f"/{bucket}/run/step_{resume:08d}/manifest.json"
-        assert ("PUT", uploaded) in p0.requests[marks[0]:] or ("POST", uploaded) in p0.requests[marks[0]:]
-        digests = {e["digest"] for launch in second for e in launch.of("done")}
-        assert len(digests) == 1
-        persistent = [e.step for e in inventory.scan_directory(url) if e.status == "committed"]
-        assert resume in persistent and persistent[-1] == 19 and len(persistent) == 3, persistent
+            # 2. restart: resume from the local copies (no data file read from S3), upload it, train to the end
+            marks = [len(p.requests) for p in proxies]
+            second = _pair(url, locals_, proxies)
+            _finish(second)
+            for node, launch in enumerate(second):
+                resumed = launch.of("resumed")
+                assert [(e["step"], e["path"]) for e in resumed] == \
+                    [(resume, os.path.join(locals_[node], f"step_{resume:08d}"))] * 2, resumed
+                assert data_gets(proxies[node], marks[node]) == [], node
+            uploaded = f"/{bucket}/run/step_{resume:08d}/manifest.json"
+            assert ("PUT", uploaded) in p0.requests[marks[0]:] or ("POST", uploaded) in p0.requests[marks[0]:]
+            digests = {e["digest"] for launch in second for e in launch.of("done")}
+            assert len(digests) == 1
+            persistent = [e.step for e in inventory.scan_directory(url) if e.status == "committed"]
+            assert resume in persistent and persistent[-1] == 19 and len(persistent) == 3, persistent
 
-        # 3. node 1 is replaced (empty disk): it reads from S3, node 0 from its disk
-        shutil.rmtree(locals_[1])
-        marks = [len(p.requests) for p in proxies]
-        third = _pair(url, locals_, proxies)
-        _finish(third)
-        assert [e["path"] for e in third[0].of("resumed")] == [os.path.join(locals_[0], "step_00000019")] * 2
-        assert [e["path"] for e in third[1].of("resumed")] == [f"{url}/step_00000019"] * 2
-        assert data_gets(p0, marks[0]) == []
-        assert any(path.endswith("/step_00000019/model.safetensors") for path in data_gets(p1, marks[1]))
-        assert {e["digest"] for launch in third for e in launch.of("done")} == digests
+            # 3. node 1 is replaced (empty disk): it reads from S3, node 0 from its disk
+            shutil.rmtree(locals_[1])
+            marks = [len(p.requests) for p in proxies]
+            third = _pair(url, locals_, proxies)
+            _finish(third)
+            assert [e["path"] for e in third[0].of("resumed")] == [os.path.join(locals_[0], "step_00000019")] * 2
+            assert [e["path"] for e in third[1].of("resumed")] == [f"{url}/step_00000019"] * 2
+            assert data_gets(p0, marks[0]) == []
+            assert any(path.endswith("/step_00000019/model.safetensors") for path in data_gets(p1, marks[1]))
+            assert {e["digest"] for launch in third for e in launch.of("done")} == digests
 
-    _finish([reference])
-    assert {e["digest"] for e in reference.of("done")} == digests, "weights differ from the uninterrupted run"
+        _finish([reference])
+        assert {e["digest"] for e in reference.of("done")} == digests, "weights differ from the uninterrupted run"
+    finally:
+        reference.kill()   # no straggler survives a failed assertion

@@ -38,6 +38,11 @@ FIGURES = [
     ("M6_async_commit_over_sync", "save", "M6 async call-to-committed / sync save time", "<=", 1.15),
     ("S3_save_vs_raw_put", "s3", "S3 save throughput / raw s3fs write", ">=", 0.9),
     ("S3_restore_vs_raw_get", "s3", "S3 restore throughput / raw s3fs read", ">=", 0.9),
+    ("tiered_save_over_s3_save", "tiered", "tiered: save() with local_dir / save() straight to S3 (loop waits)", "<=",
+     0.5),
+    ("tiered_persistent_over_s3_save", "tiered", "tiered: save()+wait() (persistent) / save() straight to S3", "info",
+     None),
+    ("tiered_restore_local_over_s3", "tiered", "tiered: restore from the local tier / restore from S3", "<=", 0.5),
     ("retention_scaling", "retention", "retention: save time with 1000 checkpoints / with 1", "<=", 1.2),
     ("sharded_save_vs_unsharded_2r", "sharded", "sharded save / unsharded rank-0 save (throughput), 2 ranks",
      "info", None),
@@ -61,6 +66,7 @@ def plan(quick: bool):
                                                    "--every", "3"]),
             "memory": ("bench_memory.py", ["--state-mib", "16"]),
             "s3": ("bench_s3.py", ["--state-mib", "4", "--repeats", "2"]),
+            "tiered": ("bench_tiered.py", ["--state-mib", "4", "--repeats", "2"]),
             "retention": ("bench_retention.py", ["--count", "40", "--repeats", "3"]),
             "sharded": ("bench_sharded.py", ["--state-mib", "8", "--repeats", "2"]),
         }
@@ -71,6 +77,7 @@ def plan(quick: bool):
         "train_loop": ("bench_train_loop.py", []),
         "memory": ("bench_memory.py", []),
         "s3": ("bench_s3.py", []),
+        "tiered": ("bench_tiered.py", []),
         "retention": ("bench_retention.py", []),
         "sharded": ("bench_sharded.py", []),
     }

@@ -44,6 +44,14 @@ POINTS = {
     "retention.after_uncommit": "a step dropped by retention is renamed away (or its manifest deleted)",
     "retention.between_deletes": "after one retention delete, before the next",
     "export.after_file": "a directory export wrote one more file (shard, optimizer, index), before the next",
+    "tier.before_local_commit": "tiered: a node leader, its node's files are written, before its local manifest",
+    "tier.after_local_commit": "tiered: a node leader, its node's copy is committed, before the nodes agree",
+    "tier.after_local_delete": "tiered: a local copy was deleted by retention (or as stale)",
+    "upload.start": "tiered: every rank, at the start of an upload's copy phase",
+    "upload.after_file": "tiered: a rank finished uploading one file (once per file)",
+    "upload.before_manifest": "tiered: rank 0, every file is uploaded, before the persistent manifest",
+    "upload.after_manifest": "tiered: rank 0, the step is committed in the persistent tier",
+    "upload.done": "tiered: every rank, an upload is recorded, before the next upload or retention",
 }
 
 _hits: Dict[str, int] = {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .errors import CheckpointError, CheckpointFormatError, CheckpointNotFoundError, DirectoryInUseError, SignatureError
 from .format.checksum import HashingReader
@@ -29,7 +29,7 @@ from .step.ownership import DirectoryOwner
 logger = logging.getLogger(__name__)
 
 __all__ = ["DirEntry", "scan_directory", "StepCheck", "check_step", "verify", "kept_by", "is_manager_path",
-           "is_step_dir", "PruneResult", "prune"]
+           "is_step_dir", "PruneResult", "prune", "with_local_tier"]
 
 # --------------------------------------------------------------------------- a manager directory
 
@@ -108,6 +108,32 @@ def scan_directory(directory: Any, storage_options: Options = None) -> List[DirE
         else:
             entries.append(DirEntry(steps[step], "committed", step, outcome))
     return sorted(entries, key=lambda e: (e.step, e.name))
+
+
+def with_local_tier(entries: List[DirEntry], local_dir: Any) -> Tuple[List[DirEntry], Dict[int, str]]:
+    """Add a node's local tier to a persistent directory's entries, and say where each committed step is.
+
+    Args:
+        entries: :func:`scan_directory` of the persistent directory.
+        local_dir: The manager's ``local_dir`` on this node.
+
+    Returns:
+        ``(entries plus the steps committed only on this node, step -> where)``, where is
+        ``'both'``, ``'persistent'``, ``'local'`` (on this node's disk, not persistent yet) or
+        ``'persistent; local copy is another save'``.
+    """
+    local = {e.step: e for e in scan_directory(local_dir) if e.manifest is not None}
+    remote = {e.step: e for e in entries if e.manifest is not None}
+    where: Dict[int, str] = {}
+    for step in set(local) | set(remote):
+        mine, theirs = local.get(step), remote.get(step)
+        if mine is None or theirs is None:
+            where[step] = "local" if theirs is None else "persistent"
+        else:
+            same = mine.manifest.time == theirs.manifest.time  # type: ignore[union-attr]
+            where[step] = "both" if same else "persistent; local copy is another save"
+    merged = entries + [e for step, e in local.items() if step not in remote]
+    return sorted(merged, key=lambda e: (e.step, e.name)), where
 
 
 @dataclass

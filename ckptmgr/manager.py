@@ -12,10 +12,11 @@ This module only orchestrates; the layers below do the work:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
-from typing import Any, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from . import distributed as dist
 from .distributed import agree
@@ -25,7 +26,7 @@ from .format.maplocation import MapLocation
 from .format.signing import load_key
 from .io.access import open_store
 from .io.store import Options, Store
-from .retention import best_of, build_policy, uncommit_dropped
+from .retention import best_of, build_policy, steps_to_delete, uncommit_dropped
 from .state.models import ModelArg, check_model
 from .state.objects import check_index, plain
 from .state.partial import Exclusion
@@ -40,6 +41,7 @@ from .step.ownership import DirectoryOwner
 from .step.rankstate import check_policy
 from .step.records import Applied, RestoredCheckpoint, Snapshot, TrainingObjects
 from .step.save import save_step
+from .step.tiers import Persistent, TieredSteps
 from .warmstart import DEFAULT_REVISE_KEYS, WarmStart
 
 logger = logging.getLogger(__name__)
@@ -60,10 +62,8 @@ class CheckpointManager:
     Under ``torch.distributed`` every rank calls ``save``/``restore`` with the
     same arguments: rank 0 writes the replicated state, every rank its RNG file,
     and ranks agree on the outcome (errors on any rank raise on all, with the
-    timeout of :func:`ckptmgr.distributed.default_timeout`). For a local
-    directory, rank 0 creates the temporary directory and the other ranks write
-    into it, so a local path must be on a filesystem shared by all nodes; on
-    separate node-local disks use an object store (``s3://...``) instead.
+    timeout of :func:`ckptmgr.distributed.default_timeout`). A local directory must
+    be on a filesystem every node shares; with node-local disks, add ``local_dir``.
 
     One manager (one job) writes to a directory at a time: a save removes the
     temporary directories that crashed saves left there, and its listing cache
@@ -99,6 +99,8 @@ class CheckpointManager:
         signing_key: Sign every manifest (HMAC-SHA256, files checksummed with
             sha256), and restore only steps signed with this key: bytes, or a key
             file path; None: ``CKPTMGR_SIGNING_KEY`` if set; False: no key.
+        local_dir, local_max_to_keep: A path on each node's own disk where saves commit first (then upload to
+            ``directory``), and the local copies of persistent steps each node keeps (:mod:`ckptmgr.step.tiers`).
 
     Raises:
         ValueError: an argument is out of range (see :func:`ckptmgr.retention.build_policy`), or the key is short.
@@ -109,17 +111,18 @@ class CheckpointManager:
                  best_metric: Optional[str] = None, best_mode: str = "min", keep_best: int = 0,
                  async_save: bool = False, storage_options: Options = None, sharded: Any = "auto",
                  save_frozen: bool = True, init_from: Any = None, init_revise_keys: Any = DEFAULT_REVISE_KEYS,
-                 signing_key: Any = None) -> None:
+                 signing_key: Any = None, local_dir: Any = None, local_max_to_keep: int = 1) -> None:
         self.store: Store = open_store(os.fspath(directory), storage_options)
         self.directory: str = self.store.root
-        self.best_metric = best_metric
-        self.best_mode = best_mode
+        self.best_metric, self.best_mode = best_metric, best_mode
         self.policy = build_policy(max_to_keep, keep_every_n_steps, best_metric, best_mode, keep_best)
-        self.storage_options = storage_options
-        self.async_save = bool(async_save)
+        self.storage_options, self.async_save = storage_options, bool(async_save)
         self.formats = Formats(sharded, save_frozen)
         self.init_from = None if init_from is None else WarmStart.of(init_from, init_revise_keys, storage_options)
         self.signing_key = load_key(signing_key)
+        if self.signing_key is not None and local_dir is not None:
+            raise ValueError("signing_key and local_dir cannot be used together yet (tiered steps are not signed); "
+                             "drop one of them (unset CKPTMGR_SIGNING_KEY for a tiered run)")
         self.sharded = self.formats.setting
         self.index = StepIndex(self.store)
         self._index_lock = threading.RLock()  # the background writer updates the index too
@@ -134,6 +137,9 @@ class CheckpointManager:
         self._restored_step: Optional[int] = None
         self._owner = DirectoryOwner(self.store)  # claimed at the first save, never by reads
         self._closed = False
+        self._tiers = None if local_dir is None else TieredSteps(Persistent(  # constructing it is a collective
+            self.store, self._protocol, self.index, self._index_lock, self._owner, self._prepare_directory,
+            functools.partial(steps_to_delete, policy=self.policy), self._reclaimer), local_dir, local_max_to_keep)
 
     # ------------------------------------------------------------------ listing
 
@@ -148,7 +154,8 @@ class CheckpointManager:
         ``restore`` must be called on every rank).
         """
         with self._index_lock:
-            return list(self.index.refresh())
+            steps = list(self.index.refresh())
+        return self._tiers.restorable(steps) if self._tiers else steps
 
     def latest_step(self) -> Optional[int]:
         """The highest committed step, or None."""
@@ -193,7 +200,7 @@ class CheckpointManager:
                 stateful object (a data loader), JSON-like value, tensors, or a callable returning one.
 
         Returns:
-            URI of the committed step directory.
+            URI of the committed step directory (with ``local_dir``: this node's local copy).
 
         Raises:
             CheckpointExistsError: ``step`` is committed and ``force`` is False.
@@ -214,13 +221,14 @@ class CheckpointManager:
             raise error  # nobody else to tell: fail right here
         self._writer.submit(lambda: self._write_and_commit(fmt, snapshot, error, force, group=self._async_group),
                             what=f"checkpoint step {step}")
-        return self._step_uri(step)
+        return self._tiers.local.uri(step_name(step)) if self._tiers else self._step_uri(step)
 
     def _collect(self, fmt: StepFormat, step: int, objs: TrainingObjects, metrics: Any, meta: Any,
                  stage: bool) -> Tuple[Snapshot, Optional[Exception]]:
         """Gather this rank's state; an error is returned, not raised, so every rank can learn of it."""
         try:
-            snapshot = fmt.collect(step, objs, metrics, meta, dist.get_rank(), dist.get_world_size())
+            leader = self._tiers.layout.is_leader if self._tiers else None  # tiered: every node's first rank
+            snapshot = fmt.collect(step, objs, metrics, meta, dist.get_rank(), dist.get_world_size(), leader)
             # async: copy into reused CPU buffers; the training loop may change the originals now
             return (fmt.stage(snapshot, self._staging) if stage else snapshot), None
         except Exception as exc:
@@ -229,6 +237,8 @@ class CheckpointManager:
     def _write_and_commit(self, fmt: StepFormat, snapshot: Snapshot, error: Optional[Exception], force: bool,
                           group: Any) -> str:
         """Write, commit (manifest last), retain: the part an async save runs in the background."""
+        if self._tiers:
+            return self._tiers.save(fmt, snapshot, error, force, group)
         final, manifest = save_step(self.store, self._protocol, fmt, snapshot, error=error, force=force,
                                     group=group, before_prepare=lambda: self._prepare_directory(snapshot.step),
                                     before_commit=self._owner.check, signing_key=self.signing_key)
@@ -240,8 +250,8 @@ class CheckpointManager:
             self._apply_retention(snapshot.step)
         return self.store.uri(final)
 
-    def _prepare_directory(self, step: int) -> None:
-        """Rank 0, before a save's plan: claim the directory and remove crashed saves' leftovers."""
+    def _prepare_directory(self, step: Optional[int] = None) -> None:
+        """Rank 0, before a save's plan: claim the directory and remove crashed saves' leftovers (but ``step``'s)."""
         self._reclaimer.wait()  # the previous retention's deletes are finished before we list
         self._owner.claim()  # before cleaning: never tidy away another job's in-flight save
         with self._index_lock:  # nor what another job writes for this very step (it may commit first)
@@ -309,33 +319,34 @@ class CheckpointManager:
             CheckpointFormatError: an object passed has no saved state (``strict``) or other names.
         """
         self._check_open()
-        if step is not None:
-            step = check_index("step", step)
+        step = None if step is None else check_index("step", step)
         policy = check_policy(on_world_size_change)
         self.wait()  # never read a directory a background save is still writing
         objs = TrainingObjects(check_model(model), optimizer, scheduler, scaler, extra, rank_state,
                                exclude=Exclusion.parse(exclude))
-
-        def candidates() -> List[int]:
-            with self._index_lock:
-                return list(self.index.refresh())
-        found = agree_on_step(self.store, self.formats, objs, step, candidates, verify=verify,
-                              map_location=map_location, in_place=in_place and map_location in (None, "cpu"),
-                              on_world_size_change=policy, signing_key=self.signing_key)
-        if found is None:
+        opts: Dict[str, Any] = {"verify": verify, "map_location": map_location, "on_world_size_change": policy,
+                                "in_place": in_place and map_location in (None, "cpu")}
+        if self._tiers:
+            found = self._tiers.restore(self.formats, objs, step, **opts)
+        else:
+            found = agree_on_step(self.store, self.formats, objs, step, self.all_steps, signing_key=self.signing_key,
+                                  **opts)
+            found = found and (*found, self.store.sub(step_name(found[0])))
+        if not found:
             if step is None and self.init_from is not None:
                 self.init_from.load(model, objs.exclude)
             return None
-        chosen, fmt, loaded = found
+        chosen, fmt, loaded, step_store = found
         if self.init_from is not None:
             self.init_from.skipped(chosen, self.directory)
         applied: List[Applied] = []
-        step_store = self.store.sub(step_name(chosen))
         agree(f"restoring step {chosen} from {self.directory} (apply)",
               lambda: applied.append(fmt.apply(loaded, step_store, objs, strict)))
         self._restored_step = chosen
+        if self._tiers:
+            self._tiers.restored(chosen)  # uploads owed since a crash start now
         return RestoredCheckpoint(step=chosen, extra=applied[0].extra, meta=plain(loaded.get("meta") or {}),
-                                  metrics=dict(loaded.manifest.metrics), path=self._step_uri(chosen),
+                                  metrics=dict(loaded.manifest.metrics), path=step_store.root,
                                   rank_state=applied[0].rank_state)
 
     # ------------------------------------------------------------------ lifecycle
@@ -345,7 +356,7 @@ class CheckpointManager:
             raise CheckpointError("this CheckpointManager is closed", "create a new one")
 
     def wait(self) -> None:
-        """Block until the pending async save (if any) is committed and retention applied.
+        """Block until the pending async save (if any) is committed (and uploaded) and retention applied.
 
         Space of the steps retention dropped may still be being freed; the next
         ``save`` and :meth:`close` wait for that too.
@@ -354,6 +365,8 @@ class CheckpointManager:
             CheckpointError, StorageError, DistributedError, ...: what the background save raised.
         """
         self._writer.wait()
+        if self._tiers:
+            self._tiers.wait()
 
     def close(self) -> None:
         """Wait for pending work and free the staging buffers; the manager cannot save or restore afterwards.
@@ -365,12 +378,16 @@ class CheckpointManager:
             return
         try:
             self._writer.close()
+            if self._tiers:
+                self._tiers.close()
             self._reclaimer.close()
         finally:
             self._closed = True
             self._staging.release()
             self.formats.release()
             self._owner.release()
+            if self._tiers:
+                self._tiers.release()
 
     def __enter__(self) -> "CheckpointManager":
         return self

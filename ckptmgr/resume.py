@@ -26,7 +26,7 @@ def resume_from_latest(directory: Any, *, model: ModelArg, optimizer: Any = None
         init_from: Warm start source for a fresh run (see :class:`CheckpointManager`).
         **kwargs: ``extra``, ``rank_state``, ``on_world_size_change``, ``strict``, ``verify``,
             ``map_location``, ``exclude`` (see :meth:`CheckpointManager.restore`), ``storage_options``,
-            ``signing_key`` and ``init_revise_keys``.
+            ``signing_key``, ``local_dir`` and ``init_revise_keys``.
 
     Returns:
         Restored step + 1, or 0 when nothing is committed yet (after a warm start from ``init_from``).
@@ -34,6 +34,7 @@ def resume_from_latest(directory: Any, *, model: ModelArg, optimizer: Any = None
     rules = kwargs.pop("init_revise_keys", DEFAULT_REVISE_KEYS)
     with CheckpointManager(directory, max_to_keep=None, storage_options=kwargs.pop("storage_options", None),
                            init_from=init_from, init_revise_keys=rules,
-                           signing_key=kwargs.pop("signing_key", None)) as manager:
+                           signing_key=kwargs.pop("signing_key", None),
+                           local_dir=kwargs.pop("local_dir", None)) as manager:
         restored = manager.restore(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, **kwargs)
     return 0 if restored is None else restored.step + 1

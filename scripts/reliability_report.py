@@ -39,6 +39,9 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--flips", type=int, default=100, help="random bit flips per file kind")
     parser.add_argument("--http-rounds", type=int, default=3, help="rounds of every HTTP fault")
     parser.add_argument("--s3-rounds", type=int, default=30, help="S3 save+restore rounds at 10%% faults")
+    parser.add_argument("--tiered-kills", type=int, default=20, help="random kill -9 rounds of tiered saves")
+    parser.add_argument("--tiered-named", type=int, default=2, help="tiered kills per named fault point")
+    parser.add_argument("--tiered-damage", type=int, default=10, help="wiped or damaged local tier rounds")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--only", default=",".join(SCENARIOS), metavar="NAMES",
                         help=f"comma-separated scenarios to run (default: all of {', '.join(SCENARIOS)})")
@@ -52,11 +55,11 @@ def _args() -> argparse.Namespace:
 
 
 SCENARIOS = ("kills-sync", "kills-async", "named-sync", "named-async", "stages", "fsize", "enospc", "corruption",
-             "malicious", "http", "s3", "concurrency")
+             "malicious", "http", "s3", "concurrency", "tiered-kills", "tiered-damage")
 
 
 def _scenarios(args: argparse.Namespace):
-    from reliability import concurrency, corruption, http_faults, kills, malicious, s3_faults, saves
+    from reliability import concurrency, corruption, http_faults, kills, malicious, s3_faults, saves, tiered
     from reliability.common import new_bucket, s3_env, start_moto
     from tests.support.httpserver import FileServer
     only = set(args.only.split(","))
@@ -70,7 +73,7 @@ def _scenarios(args: argparse.Namespace):
              ("enospc", lambda: saves.run_enospc(args.enospc)),
              ("corruption", lambda: corruption.run_corruption(args.offsets, args.flips))]
     yield from (run for name, run in local if name in only)
-    if not only & {"malicious", "http", "s3", "concurrency"}:
+    if not only & {"malicious", "http", "s3", "concurrency", "tiered-kills", "tiered-damage"}:
         return
     moto = start_moto()
     os.environ.update(s3_env(moto.endpoint))
@@ -84,6 +87,11 @@ def _scenarios(args: argparse.Namespace):
             yield lambda: s3_faults.run_s3_faults(moto.endpoint, args.s3_rounds, rate=0.1)
         if "concurrency" in only:
             yield lambda: concurrency.run_concurrency(s3_url=f"s3://{new_bucket(moto.endpoint)}")
+        if "tiered-kills" in only:
+            yield lambda: tiered.run_tiered_kills(args.tiered_kills, args.tiered_named,
+                                                  f"s3://{new_bucket(moto.endpoint)}")
+        if "tiered-damage" in only:
+            yield lambda: tiered.run_tiered_damage(args.tiered_damage, f"s3://{new_bucket(moto.endpoint)}")
     finally:
         moto.stop()
 

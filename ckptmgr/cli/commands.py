@@ -32,6 +32,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from ..step.load import model_names
     directory = _need_dir(args.path)
     entries = scan_directory(directory)
+    where = None
+    if getattr(args, "local_dir", None):  # tiered: also this node's local copies, and where each step is
+        from ..inventory import with_local_tier
+        entries, where = with_local_tier(entries, args.local_dir)
     committed = [e for e in entries if e.manifest is not None]
     incomplete = [e for e in entries if e.manifest is None]
     rules = any(v is not None for v in (args.keep, args.keep_every)) or bool(args.keep_best)
@@ -42,7 +46,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         render.print_json({"directory": directory, "checkpoints": [
             {"step": e.step, "name": e.name, "time": e.manifest.time, "size": e.size, "metrics": e.manifest.metrics,
              "world_size": e.manifest.world_size, "models": names[e.step],
-             **({"kept_by": kept[e.step]} if kept is not None else {})}
+             **({"kept_by": kept[e.step]} if kept is not None else {}),
+             **({"where": where[e.step]} if where is not None else {})}
             for e in committed if e.manifest is not None],
             "incomplete": [{"name": e.name, "step": e.step, "status": e.status, "problem": e.problem or None}
                            for e in incomplete]})
@@ -54,11 +59,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
     print(f"{directory}: {len(committed)} committed checkpoint{'s' * (len(committed) != 1)}{latest}")
     if committed:
         rows = [["STEP", "COMMITTED (UTC)", "SIZE", "METRICS"] + (["MODELS"] if several else [])
-                + (["KEPT BY"] if kept is not None else [])]
+                + (["WHERE"] if where is not None else []) + (["KEPT BY"] if kept is not None else [])]
         for e, manifest in ((e, e.manifest) for e in committed if e.manifest is not None):
             row = [str(e.step), render.when(manifest.time), render.size(e.size), render.metrics(manifest.metrics)]
             if several:
                 row.append(", ".join(names[e.step]))
+            if where is not None:
+                row.append(where[e.step])
             if kept is not None:
                 row.append(", ".join(kept[e.step]) or "(prune would delete it)")
             rows.append(row)

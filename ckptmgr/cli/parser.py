@@ -59,6 +59,8 @@ def build_parser(commands: Any) -> argparse.ArgumentParser:
         return p
     p = add("ls", "list the checkpoints of a manager directory; flag the ones that are not committed")
     p.add_argument("path", metavar="DIR_OR_URL")
+    p.add_argument("--local-dir", metavar="PATH", help="the job's local_dir on this node: also list its copies and "
+                   "show where each step is (local, persistent, both)")
     _retention_flags(p, keep_required=False)
     p = add("inspect", "show meta, keys with shapes and dtypes, and optimizer state of a checkpoint "
                        "(a .pth/.safetensors file, a manager or step directory, or any scheme)", loads=True)

@@ -19,8 +19,8 @@ def size(n: Optional[float]) -> str:
 
 
 def when(iso: str) -> str:
-    """An ISO time as ``YYYY-MM-DD HH:MM:SS`` (UTC)."""
-    return iso.replace("T", " ").replace("+00:00", "") if iso else "-"
+    """An ISO time as ``YYYY-MM-DD HH:MM:SS`` (UTC; tiered saves record microseconds, not shown)."""
+    return iso.replace("T", " ")[:19] if iso else "-"
 
 
 def metrics(values: Mapping[str, Any]) -> str:

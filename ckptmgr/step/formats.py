@@ -55,7 +55,8 @@ class StepFormat:
 
     # ------------------------------------------------------------------ save
 
-    def collect(self, step: int, objs: TrainingObjects, metrics: Any, meta: Any, rank: int, world: int) -> Snapshot:
+    def collect(self, step: int, objs: TrainingObjects, metrics: Any, meta: Any, rank: int, world: int,
+                replicated: Optional[bool] = None) -> Snapshot:
         """This rank's share of the step (live tensors).
 
         Three parts: what is local to this rank (RNG and ``rank_state``); the
@@ -63,7 +64,9 @@ class StepFormat:
         DCP over FSDP); the replicated state, on rank 0. When there is a
         collective step, the ranks first agree that every one collected its
         local part, so a rank that failed never leaves the others waiting
-        inside an engine's collective.
+        inside an engine's collective. ``replicated`` overrides who collects the
+        replicated state (a tiered save has the first rank of every node write
+        it to that node's disk).
         """
         def local() -> Snapshot:
             self.check(objs)
@@ -76,7 +79,7 @@ class StepFormat:
         else:
             snapshot = local()
         self.collect_engines(snapshot, objs)
-        if rank == 0:
+        if (rank == 0) if replicated is None else replicated:
             snapshot.metrics = objects.clean_metrics(metrics)
             snapshot.components = {
                 "optimizer": None if self.owns_optimizer else objects.named_state(objs.optimizer, "optimizer"),
@@ -114,15 +117,16 @@ class StepFormat:
                         frozen=snapshot.frozen)
 
     def write(self, store: Store, prefix: str, snapshot: Snapshot, rank: int, group: Any = None) -> RankFiles:
-        """Write this rank's files into ``store`` (names start with ``prefix``); report them for the manifest."""
+        """Write this rank's files into ``store`` (names start with ``prefix``); report them for the manifest.
+
+        The replicated files are written by whichever rank collected them (see :meth:`collect`).
+        """
         jobs: Dict[str, Callable[[], Any]] = {}
-        if rank == 0:
-            if snapshot.model is not None:
-                jobs.update(models.write_jobs(store, prefix, snapshot.model))
-            for comp in COMPONENTS:
-                if snapshot.components.get(comp) is not None:
-                    jobs[comp] = functools.partial(write_component, store, comp, snapshot.components[comp],
-                                                   prefix=prefix)
+        if snapshot.model is not None:
+            jobs.update(models.write_jobs(store, prefix, snapshot.model))
+        for comp in COMPONENTS:
+            if snapshot.components.get(comp) is not None:
+                jobs[comp] = functools.partial(write_component, store, comp, snapshot.components[comp], prefix=prefix)
         jobs["rng"] = functools.partial(write_component, store, f"rng-rank{rank:05d}", snapshot.rng, prefix=prefix)
         if snapshot.rank_state is not None:
             jobs["rank_state"] = functools.partial(write_component, store, rankstate.base_name(rank),
@@ -137,7 +141,7 @@ class StepFormat:
         if snapshot.model is not None:
             components.update(models.manifest_entries(snapshot.model, written))
         store.sync_dir()
-        if rank == 0 and snapshot.frozen and snapshot.model is not None:  # the manifest records what was left out
+        if snapshot.frozen and snapshot.model is not None:  # the manifest records what was left out
             components[FROZEN] = models.frozen_component(snapshot.model, snapshot.frozen)
         return RankFiles(files, components, rng_name, rank_state)
 
@@ -247,9 +251,10 @@ class PlainFormat(StepFormat):
     def __init__(self, save_frozen: bool = True) -> None:
         self.save_frozen = save_frozen
 
-    def collect(self, step: int, objs: TrainingObjects, metrics: Any, meta: Any, rank: int, world: int) -> Snapshot:
-        snapshot = super().collect(step, objs, metrics, meta, rank, world)
-        if rank == 0:
+    def collect(self, step: int, objs: TrainingObjects, metrics: Any, meta: Any, rank: int, world: int,
+                replicated: Optional[bool] = None) -> Snapshot:
+        snapshot = super().collect(step, objs, metrics, meta, rank, world, replicated)
+        if (rank == 0) if replicated is None else replicated:
             snapshot.model, snapshot.frozen = models.collect(objs.model, self.save_frozen)
         return snapshot
 

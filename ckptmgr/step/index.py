@@ -29,10 +29,11 @@ Outcome = Union[Manifest, BaseException]
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """What retention may look at: the step and the metrics recorded in its manifest."""
+    """What retention may look at: the step and the metrics recorded in its manifest (and its commit time)."""
 
     step: int
     metrics: Mapping[str, Any] = field(default_factory=dict)
+    time: str = ""
 
 
 def read_manifests(store: Store, steps: Iterable[int]) -> Dict[int, Outcome]:
@@ -102,11 +103,11 @@ class StepIndex:
                 self._warned.add(step)
                 logger.warning("ignoring checkpoint step %d: %s", step, outcome)
         else:
-            self._known[step] = CheckpointInfo(step, outcome.metrics)
+            self._known[step] = CheckpointInfo(step, outcome.metrics, outcome.time)
 
-    def add(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Record a step this process just committed."""
-        self._known[step] = CheckpointInfo(step, dict(metrics))
+    def add(self, step: int, metrics: Mapping[str, Any], time: str = "") -> None:
+        """Record a step this process just committed (``time``: its manifest's)."""
+        self._known[step] = CheckpointInfo(step, dict(metrics), time)
         self._warned.discard(step)
 
     def discard(self, step: int) -> None:

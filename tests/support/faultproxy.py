@@ -22,7 +22,7 @@ import struct
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["FaultProxy"]
 
@@ -40,6 +40,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _forward(self) -> None:
         proxy = self.server.owner
+        with proxy._lock:
+            proxy.requests.append((self.command, urllib.parse.urlsplit(self.path).path))
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
@@ -93,6 +95,7 @@ class FaultProxy:
         rate: Probability in [0, 1] that a response is replaced by a fault (change it at any time).
         kinds: Which faults to draw from.
         counts: How many of each fault, and ``"ok"``, were served.
+        requests: ``(method, path)`` of every request forwarded, in order.
     """
 
     def __init__(self, upstream: str, rate: float = 0.0, kinds: Sequence[str] = KINDS, seed: int = 0) -> None:
@@ -100,6 +103,7 @@ class FaultProxy:
         self.upstream_host, self.upstream_port = parsed.hostname, parsed.port
         self.rate, self.kinds = rate, list(kinds)
         self.counts: Dict[str, int] = {}
+        self.requests: List[Tuple[str, str]] = []
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._server: Optional[_Server] = None

@@ -29,7 +29,7 @@ from .io.store import Options, Store
 from .retention import best_of, build_policy, steps_to_delete
 from .state.objects import check_index, plain
 from .state.staging import StagingBuffers
-from .step.background import Background
+from .step.background import Background, finish_before_interrupt
 from .step.commit import protocol_for, run_reclaims
 from .step.formats import Formats, StepFormat
 from .step.index import StepIndex
@@ -193,7 +193,8 @@ class CheckpointManager:
         fmt = self.formats.for_save(model)
         if not self.async_save:
             snapshot, error = self._collect(fmt, step, objs, metrics, meta, stage=False)
-            return self._write_and_commit(fmt, snapshot, error, force, group=None)
+            with finish_before_interrupt(f"checkpoint step {step}"):  # Ctrl-C: commit first, then stop
+                return self._write_and_commit(fmt, snapshot, error, force, group=None)
         self._writer.wait()  # back-pressure: one save in flight; raises the previous save's error
         snapshot, error = self._collect(fmt, step, objs, metrics, meta, stage=True)
         if error is not None and dist.get_world_size() == 1:
@@ -255,7 +256,7 @@ class CheckpointManager:
         if reclaims:
             # The dropped steps are uncommitted already; freeing their blocks can happen
             # after save() returns. The next save (and close) waits for it first.
-            self._reclaimer.submit(lambda: run_reclaims(reclaims), what="freeing deleted checkpoints")
+            self._reclaimer.submit(lambda: run_reclaims(reclaims), what="deleting the checkpoints retention dropped")
 
     # ------------------------------------------------------------------ restore
 

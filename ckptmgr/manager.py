@@ -263,7 +263,7 @@ class CheckpointManager:
     def restore(self, step: Optional[int] = None, *, model: nn.Module, optimizer: Any = None,
                 scheduler: Any = None, scaler: Any = None, extra: Optional[Mapping[str, Any]] = None,
                 strict: bool = True, verify: bool = True, map_location: MapLocation = None,
-                in_place: bool = True) -> Optional[RestoredCheckpoint]:
+                in_place: bool = True, rng: bool = True) -> Optional[RestoredCheckpoint]:
         """Load a checkpoint into the given objects.
 
         Every file is checked against the manifest before anything is applied:
@@ -289,7 +289,12 @@ class CheckpointManager:
                 tensors hold partial data: the latest-step fallback overwrites
                 them with an older step, and an explicit ``step`` raises, so do
                 not train on after a failed restore. Pass False to leave them
-                untouched until every file has checked out.
+                untouched until every file has checked out. Either way, what can
+                be checked without the data (model keys and shapes under
+                ``strict``; optimizer and scheduler classes, names and param
+                groups) is checked before anything is read or applied.
+            rng: Also set the process's RNG streams to the saved ones (False
+                leaves them alone, e.g. to evaluate the best step mid-run).
 
         Returns:
             A :class:`RestoredCheckpoint`, or None when nothing is committed.
@@ -310,14 +315,15 @@ class CheckpointManager:
             with self._index_lock:
                 return list(self.index.refresh())
         found = agree_on_step(self.store, self.formats, objs, step, candidates, verify=verify,
-                              map_location=map_location, in_place=in_place and map_location in (None, "cpu"))
+                              map_location=map_location, in_place=in_place and map_location in (None, "cpu"),
+                              strict=strict)
         if found is None:
             return None
         chosen, fmt, loaded = found
         values: Dict[str, Any] = {}
         step_store = self.store.sub(step_name(chosen))
         agree(f"restoring step {chosen} from {self.directory} (apply)",
-              lambda: values.update(fmt.apply(loaded, step_store, objs, strict)))
+              lambda: values.update(fmt.apply(loaded, step_store, objs, strict, rng=rng)))
         self._restored_step = chosen
         return RestoredCheckpoint(step=chosen, extra=values, meta=plain(loaded.get("meta") or {}),
                                   metrics=dict(loaded.manifest.metrics), path=self._step_uri(chosen))

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "register_module_wrapper", "is_module_wrapper", "unwrap_model",
-    "get_state_dict", "load_state_dict", "weights_to_cpu", "LoadReport",
+    "get_state_dict", "load_state_dict", "check_state_dict", "weights_to_cpu", "LoadReport",
 ]
 
 # wrapper class -> name of the attribute holding the wrapped module
@@ -243,6 +243,43 @@ def _log(logger_arg: LoggerLike, message: str) -> None:
     target.warning(message)
 
 
+def _shape_differs(value: Any, current: Any) -> bool:
+    return (isinstance(value, torch.Tensor) and isinstance(current, torch.Tensor)
+            and not isinstance(current, (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer))
+            and value.shape != current.shape)
+
+
+def check_state_dict(module: nn.Module, state_dict: Mapping[str, Any]) -> LoadReport:
+    """What :func:`load_state_dict` would report, from keys and shapes alone: nothing is loaded.
+
+    The values may be data-less stand-ins (``device='meta'``), so a restore can
+    check a file's header against the model before reading any weights.
+
+    Args:
+        module: Target module; wrappers anywhere in it are handled.
+        state_dict: Clean keys (or ``module.``-prefixed keys of a wrapped model).
+
+    Returns:
+        A :class:`LoadReport` (``errors`` stays empty: custom load code does not run).
+    """
+    inner = unwrap_model(module)
+    pairs = _wrapper_prefixes(inner)
+    own = inner.state_dict(keep_vars=True)
+    to_wrapped = {_clean_key(k, pairs): k for k in own}
+    report, seen = LoadReport(), set()
+    for key, value in state_dict.items():
+        target = to_wrapped.get(key, key)
+        if target not in own:
+            report.unexpected_keys.append(key)
+            continue
+        seen.add(target)
+        if _shape_differs(value, own[target]):
+            report.mismatched.append((key, tuple(value.shape), tuple(own[target].shape)))
+    report.missing_keys = [c for c in (_clean_key(k, pairs) for k in own if k not in seen)
+                           if not c.endswith("num_batches_tracked")]
+    return report
+
+
 def load_state_dict(module: nn.Module, state_dict: Mapping[str, Any], strict: bool = False,
                     logger: LoggerLike = None) -> LoadReport:
     """Load ``state_dict`` into ``module`` (wrapped or not) and report what did not fit.
@@ -275,10 +312,7 @@ def load_state_dict(module: nn.Module, state_dict: Mapping[str, Any], strict: bo
     for key, value in state_dict.items():
         target = to_wrapped.get(key, key)
         current = own.get(target)
-        if (isinstance(value, torch.Tensor) and isinstance(current, torch.Tensor)
-                and not isinstance(current, nn.parameter.UninitializedParameter)
-                and not isinstance(current, nn.parameter.UninitializedBuffer)
-                and value.shape != current.shape):
+        if _shape_differs(value, current):
             report.mismatched.append((key, tuple(value.shape), tuple(current.shape)))
             continue
         renamed[target] = value

@@ -140,8 +140,8 @@ class StepFormat:
         return targets
 
     def apply(self, loaded: LoadedStep, store: Store, objs: TrainingObjects, strict: bool,
-              group: Any = None) -> Dict[str, Any]:
-        """Put what :meth:`read` returned into the live objects, RNG last; returns the restored extra values.
+              group: Any = None, rng: bool = True) -> Dict[str, Any]:
+        """Put what :meth:`read` returned into the live objects, RNG last (``rng``); returns the restored extras.
 
         Raises:
             KeyMismatchError: ``strict`` and the model does not match.
@@ -154,6 +154,8 @@ class StepFormat:
         objects.apply_named(objs.scheduler, loaded.get("scheduler"), "scheduler", strict)
         objects.apply_named(objs.scaler, loaded.get("scaler"), "scaler", strict)
         values = objects.apply_extra(objs.extra, loaded.get("extra"))
+        if not rng:
+            return values
         if loaded.rng is not None:
             objects.apply_rng(loaded.rng)
         else:
@@ -230,10 +232,10 @@ class ShardedFormat(StepFormat):
         return {}  # DCP loads into the live (sharded) tensors itself
 
     def apply(self, loaded: LoadedStep, store: Store, objs: TrainingObjects, strict: bool,
-              group: Any = None) -> Dict[str, Any]:
+              group: Any = None, rng: bool = True) -> Dict[str, Any]:
         from ..sharded.engine import load_into
         load_into(store, loaded.manifest, objs.model, objs.optimizer, strict, group)  # every rank: a collective
-        return super().apply(loaded, store, objs, strict, group)
+        return super().apply(loaded, store, objs, strict, group, rng)
 
     def load_weights(self, store: Store, manifest: Manifest, map_location: MapLocation) -> Any:
         from ..sharded.consolidate import consolidate

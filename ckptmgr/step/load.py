@@ -11,7 +11,7 @@ import logging
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
 
 from ..distributed import agree, get_rank
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError
+from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ..format.manifest import Manifest, check_sizes
 from ..format.maplocation import MapLocation
 from ..io.store import Store
@@ -20,6 +20,7 @@ from .files import read_component, read_manifest
 from .formats import Formats, StepFormat, format_of
 from .index import StepIndex
 from .names import step_name
+from .preflight import check_fits
 from .records import LoadedStep, TrainingObjects
 
 logger = logging.getLogger(__name__)
@@ -49,24 +50,44 @@ def open_step(store: Store, step: int) -> Tuple[Store, Manifest]:
 
 def read_step(store: Store, step: int, rank: int, formats: Formats, objs: Optional[TrainingObjects] = None, *,
               verify: bool = True, map_location: MapLocation = None, in_place: bool = False,
-              check_all: bool = False) -> Tuple[StepFormat, LoadedStep]:
+              check_all: bool = False, strict: Optional[bool] = None) -> Tuple[StepFormat, LoadedStep]:
     """Read (and check) everything ``rank`` needs from a committed step; nothing is applied.
 
-    Sizes of every file are compared with one listing first; each file read is
-    then hashed in the same pass (``verify``). With ``check_all`` the other
-    ranks' files are verified too, so one reader can vouch for the step. With
-    ``in_place`` tensors are read straight into ``objs``' live CPU tensors,
-    which then hold the step's bytes even if a later check fails.
+    Sizes of every file are compared with one listing first; with ``strict``
+    given, the step is then checked against ``objs`` from the files' headers
+    (:func:`ckptmgr.step.preflight.check_fits`) before any tensor is read. Each
+    file read is hashed in the same pass (``verify``). With ``check_all`` the
+    other ranks' files are verified too, so one reader can vouch for the step.
+    With ``in_place`` tensors are read straight into ``objs``' live CPU
+    tensors, which then hold the step's bytes even if a later check fails (the
+    error says so).
 
     Raises:
         CheckpointNotFoundError: the step has no manifest.
         ChecksumError, CorruptCheckpointError: something differs from the manifest.
+        KeyMismatchError, CheckpointFormatError: the step does not fit ``objs`` (nothing was touched).
     """
     step_store, manifest = open_step(store, step)
     check_sizes(manifest, step_store.list_files(), step_store.root)
     fmt = formats.for_manifest(manifest)
+    if objs is not None and strict is not None:
+        check_fits(step_store, manifest, objs, strict, model=fmt.reads_model, optimizer=not fmt.owns_optimizer)
     into = fmt.inplace_targets(objs) if (in_place and objs is not None) else None
-    return fmt, fmt.read(step_store, manifest, rank, verify, map_location, into, check_all)
+    try:
+        return fmt, fmt.read(step_store, manifest, rank, verify, map_location, into, check_all)
+    except CheckpointError as exc:
+        if not into:
+            raise
+        raise _partly_overwritten(exc, into) from exc
+
+
+def _partly_overwritten(exc: CheckpointError, into: Dict[str, Any]) -> CheckpointError:
+    """The same error, saying that an in-place read may have changed the live tensors already."""
+    what = " and ".join(f"the {name}'s" for name in ("model", "optimizer") if into.get(name))
+    note = (f"; {what} tensors are partly overwritten by this step (restore(in_place=True) reads into them): "
+            "restore another step or rebuild them before training on")
+    copy = type(exc)(exc.message + note, exc.hint)
+    return copy
 
 
 def newest_good(candidates: Iterable[int], read: Callable[[int], T], where: str) -> Optional[Tuple[int, T]]:
@@ -89,12 +110,13 @@ def newest_good(candidates: Iterable[int], read: Callable[[int], T], where: str)
 
 def agree_on_step(store: Store, formats: Formats, objs: TrainingObjects, step: Optional[int],
                   candidates: Callable[[], List[int]], *, verify: bool, map_location: MapLocation,
-                  in_place: bool) -> Optional[Tuple[int, StepFormat, LoadedStep]]:
+                  in_place: bool, strict: bool = True) -> Optional[Tuple[int, StepFormat, LoadedStep]]:
     """Every rank's part of the step to restore (a collective): rank 0 chooses and vouches, then every rank reads.
 
     Rank 0 reads ``step`` (or the newest good one of ``candidates()``) and
     verifies every file of it, other ranks' included; every other rank then
-    reads its own part. Nothing is applied.
+    reads its own part. Nothing is applied; every rank checks that the step
+    fits ``objs`` before it reads (:func:`read_step` with ``strict``).
 
     Returns:
         ``(step, its format, what this rank read)``, or None when nothing is committed.
@@ -107,7 +129,7 @@ def agree_on_step(store: Store, formats: Formats, objs: TrainingObjects, step: O
 
     def read(candidate: int, everything: bool) -> Tuple[StepFormat, LoadedStep]:
         return read_step(store, candidate, rank, formats, objs, verify=verify, map_location=map_location,
-                         in_place=in_place, check_all=everything)
+                         in_place=in_place, check_all=everything, strict=strict)
 
     def choose() -> Optional[int]:
         if rank != 0:

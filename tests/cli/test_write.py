@@ -48,6 +48,34 @@ def test_convert_manager_checkpoint_to_pth_and_safetensors_and_back(ckptmgr_cli,
     assert tree(run_dir) == before
 
 
+def test_one_safetensors_layout_keeps_meta_through_every_path(ckptmgr_cli, run_dir, tmp_path):
+    """save_checkpoint and convert write the same layout (bare keys, meta in the header); every reader keeps meta."""
+    model = small_model()
+    saved = tmp_path / "saved.safetensors"
+    ckptmgr.save_checkpoint(model, str(saved), meta={"epoch": 3})
+    assert set(load_file(str(saved))) == set(model.state_dict())      # bare keys, for any safetensors tool
+    assert ckptmgr.load_checkpoint(small_model(), str(saved), strict=True)["meta"]["epoch"] == 3
+    converted, back = tmp_path / "converted.safetensors", tmp_path / "back.pth"
+    assert ckptmgr_cli("convert", run_dir, converted).code == 0
+    assert set(load_file(str(converted))) == set(model.state_dict())
+    assert ckptmgr.load_checkpoint(small_model(), str(converted), strict=True)["meta"]["step"] == 40
+    for source, key, value in ((saved, "epoch", 3), (converted, "step", 40)):
+        result = ckptmgr_cli("inspect", source, "--json")
+        assert result.code == 0 and json.loads(result.out)["meta"][key] == value
+        assert ckptmgr_cli("convert", source, back, "--force").code == 0
+        assert torch.load(back, weights_only=True)["meta"][key] == value
+
+
+@pytest.mark.parametrize("name", ["single.safetensors", "converted.safetensors"])
+def test_0_1_safetensors_layouts_keep_their_meta_through_inspect_and_convert(ckptmgr_cli, tmp_path, name):
+    source = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "v0_1", name)
+    result = ckptmgr_cli("inspect", source, "--json")
+    assert result.code == 0 and json.loads(result.out)["meta"]
+    back = tmp_path / "back.pth"
+    assert ckptmgr_cli("convert", source, back).code == 0
+    assert torch.load(back, weights_only=True)["meta"] == json.loads(result.out)["meta"]
+
+
 def test_convert_refuses_to_overwrite_unknown_formats_and_pickle(ckptmgr_cli, run_dir, tmp_path):
     dst = tmp_path / "w.pth"
     dst.write_bytes(b"keep me")

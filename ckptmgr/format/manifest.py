@@ -146,8 +146,8 @@ def compare(name: str, got: FileEntry, want: FileEntry, source: str) -> None:
     if got.size != want.size:
         raise ChecksumError(f"{source}: {name} is {got.size} bytes, the manifest recorded {want.size}")
     if got.sha256 != want.sha256:
-        raise ChecksumError(f"{source}: sha256 of {name} is {got.sha256[:16]}..., "
-                            f"the manifest recorded {want.sha256[:16]}...")
+        raise ChecksumError(f"{source}: {name} has sha256 {got.sha256[:16]}... where the manifest recorded "
+                            f"{want.sha256[:16]}... (its bytes changed after the save)")
 
 
 def verify_file(store: Store, name: str, want: FileEntry) -> None:

@@ -268,7 +268,8 @@ def clean_metrics(metrics: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     """Metrics as strict JSON: tensors and numpy scalars become numbers, NaN/inf become None.
 
     Raises:
-        TypeError: not a dict with str keys, or a value is not a scalar.
+        TypeError: not a dict with str keys.
+        UnserializableStateError: a value is not a scalar (the message names the metric).
     """
     if metrics is None:
         return {}
@@ -276,15 +277,19 @@ def clean_metrics(metrics: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
         raise TypeError(f"metrics must be a dict with str keys, got {type(metrics).__name__}")
     out: Dict[str, Any] = {}
     for key, value in metrics.items():
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        elif hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):
+        size = getattr(value, "size", None) if not isinstance(value, torch.Tensor) else value.numel()
+        if hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):
+            if isinstance(size, int) and size != 1:
+                raise UnserializableStateError(f"metric {key!r} must be one number, got a "
+                                               f"{type(value).__name__} of {size} elements",
+                                               "pass a scalar, e.g. value.mean().item()")
             value = value.item()
         if isinstance(value, float) and not math.isfinite(value):
             logger.warning("metric %s is %r; stored as null (it never counts as best)", key, value)
             value = None
         if value is not None and not isinstance(value, (bool, int, float, str)):
-            raise TypeError(f"metric {key!r} must be a number or string, got {type(value).__name__}")
+            raise UnserializableStateError(f"metric {key!r} must be a number or string, got {type(value).__name__}",
+                                           "pass a number (e.g. loss.item()) or a string")
         out[key] = value
     return out
 

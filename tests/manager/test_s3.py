@@ -4,7 +4,7 @@ import s3fs
 import torch
 
 import ckptmgr
-from ckptmgr import CheckpointExistsError, CheckpointManager, ChecksumError
+from ckptmgr import CheckpointExistsError, CheckpointManager, ChecksumError, StorageError
 from tests.conftest import ConvNet
 from tests.manager.helpers import assert_same
 
@@ -115,3 +115,11 @@ def test_load_checkpoint_from_s3_manager_directories(s3, convnet):
     assert_same(convnet.state_dict(), fresh.state_dict())
     assert ckptmgr.load_checkpoint(fresh, f"{run}/step_00000100/", strict=True)["step"] == 100
     assert ckptmgr.resume_from_latest(run, model=fresh) == 201
+
+
+def test_a_missing_bucket_is_named_not_blamed_on_retries(s3, convnet):
+    missing = "s3://ckpt-no-such-bucket-" + s3.rsplit("-", 1)[-1] + "/run"
+    with pytest.raises(StorageError) as info:
+        CheckpointManager(missing).save(1, model=convnet)
+    text = str(info.value)
+    assert "bucket does not exist" in text and "retries" not in text

@@ -19,7 +19,7 @@ from .format.maplocation import MapLocation
 from .io.access import atomic_write
 from .loaders.registry import CheckpointLoader
 from .state.keys import revise_keys as _revise_keys
-from .state.keys import select_prefix
+from .state.keys import select_prefix, strip_compile_prefix
 from .state.modules import LoggerLike, get_state_dict, load_state_dict, unwrap_model, weights_to_cpu
 from .version import __version__
 
@@ -120,7 +120,8 @@ def load_checkpoint(model: nn.Module, filename: str, map_location: MapLocation =
         strict: Raise on missing/unexpected/mis-shaped keys.
         logger: Logger for mismatch warnings (``'silent'`` for none).
         revise_keys: ``(regex, replacement)`` rules applied in order to the keys
-            (default strips a DDP ``module.`` prefix).
+            (default strips a DDP ``module.`` prefix). ``torch.compile``'s
+            ``_orig_mod.`` is removed before them, whatever the rules.
         trust_pickle: Allow arbitrary pickle code (only for trusted files).
         storage_options: fsspec options for URLs.
         **loader_kwargs: Options for the scheme's loader, passed on when it accepts
@@ -136,7 +137,7 @@ def load_checkpoint(model: nn.Module, filename: str, map_location: MapLocation =
     """
     checkpoint = CheckpointLoader.load_checkpoint(filename, map_location, logger, trust_pickle=trust_pickle,
                                                   storage_options=storage_options, **loader_kwargs)
-    state_dict = _revise_keys(extract_state_dict(checkpoint, str(filename)), revise_keys)
+    state_dict = _revise_keys(strip_compile_prefix(extract_state_dict(checkpoint, str(filename))), revise_keys)
     load_state_dict(model, state_dict, strict=strict, logger=logger)
     return checkpoint
 
@@ -151,4 +152,4 @@ def load_checkpoint_with_prefix(prefix: str, filename: str, map_location: MapLoc
     """
     checkpoint = CheckpointLoader.load_checkpoint(filename, map_location, trust_pickle=trust_pickle,
                                                   storage_options=storage_options, **loader_kwargs)
-    return select_prefix(extract_state_dict(checkpoint, str(filename)), prefix)
+    return select_prefix(strip_compile_prefix(extract_state_dict(checkpoint, str(filename))), prefix)

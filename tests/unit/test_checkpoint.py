@@ -195,3 +195,16 @@ def test_missing_file_is_typed(tmp_path):
         ckptmgr.load_checkpoint(ConvNet(), str(tmp_path / "nope.pth"))
     with pytest.raises(FileNotFoundError):  # also what OpenMMLab users catch
         ckptmgr.load_checkpoint(ConvNet(), str(tmp_path / "nope.pth"))
+
+
+def test_torch_compile_keys_load_strictly_by_default(tmp_path, convnet):
+    path = tmp_path / "compiled.pth"
+    torch.save(torch.compile(convnet).state_dict(), path)  # keys start with '_orig_mod.'
+    fresh = ConvNet()
+    ckptmgr.load_checkpoint(fresh, str(path), strict=True)
+    _equal_state(fresh.state_dict(), convnet.state_dict())
+    torch.save({"state_dict": nn.DataParallel(torch.compile(convnet)).state_dict()}, path)  # module._orig_mod.
+    other = ConvNet()
+    ckptmgr.load_checkpoint(other, str(path), strict=True)
+    _equal_state(other.state_dict(), convnet.state_dict())
+    assert set(ckptmgr.load_checkpoint_with_prefix("module.conv", str(path))) == {"weight", "bias"}

@@ -82,14 +82,20 @@ def save_checkpoint(model: nn.Module, filename: str, optimizer: OptimizerArg = N
 def extract_state_dict(checkpoint: Any, source: str = "checkpoint") -> "OrderedDict[str, Any]":
     """Find the model state dict inside a loaded checkpoint.
 
-    Accepts ``{'state_dict': ...}``, ``{'model': ...}`` or a bare state dict.
+    Accepts ``{'state_dict': ...}``, ``{'model': ...}`` or a bare state dict, and
+    a whole pickled ``nn.Module`` (``torch.save(model)``, loaded with
+    ``trust_pickle=True``), alone or under those keys: its ``state_dict()``.
 
     Raises:
         CheckpointFormatError: nothing that looks like a state dict is there.
     """
+    if isinstance(checkpoint, nn.Module):
+        return get_state_dict(checkpoint)  # type: ignore[return-value]
     if isinstance(checkpoint, Mapping):
         for key in ("state_dict", "model"):
             inner = checkpoint.get(key)
+            if isinstance(inner, nn.Module):
+                return get_state_dict(inner)  # type: ignore[return-value]
             if isinstance(inner, Mapping) and _looks_like_state_dict(inner):
                 return inner  # type: ignore[return-value]
         if checkpoint and _looks_like_state_dict(checkpoint):

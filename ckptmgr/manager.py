@@ -20,13 +20,15 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from torch import nn
 
 from . import distributed as dist
+from .advice import SaveAdvice, warn_fresh_start
 from .distributed import agree
 from .errors import CheckpointError
 from .faults import fault_point
 from .format.maplocation import MapLocation
 from .io.access import open_store
 from .io.store import Options, Store
-from .retention import best_of, build_policy, steps_to_delete
+from .keeping import Keeping
+from .retention import DEFAULT_MAX_TO_KEEP, kept_summary, steps_to_delete
 from .state.objects import check_index, plain
 from .state.staging import StagingBuffers
 from .step.background import Background, finish_before_interrupt
@@ -36,6 +38,7 @@ from .step.index import StepIndex
 from .step.load import agree_on_step
 from .step.names import step_name
 from .step.ownership import DirectoryOwner
+from .step.progress import measure
 from .step.records import RestoredCheckpoint, Snapshot, TrainingObjects
 from .step.save import save_step
 
@@ -68,7 +71,8 @@ class CheckpointManager:
 
     Args:
         directory: Local path or fsspec URL (``s3://bucket/run1``).
-        max_to_keep: Keep this many newest checkpoints (None: keep all).
+        max_to_keep: Keep this many newest checkpoints (None: keep all). Given no retention argument at all, a
+            manager keeps by the settings recorded with the run (see :mod:`ckptmgr.keeping`), else 5.
         keep_every_n_steps: Also keep every step divisible by this.
         best_metric: Metric name that ranks checkpoints for ``keep_best`` and :meth:`best_step`.
         best_mode: ``'min'`` (lower is better) or ``'max'``.
@@ -96,20 +100,21 @@ class CheckpointManager:
         UnknownSchemeError: ``directory`` is a URL of a protocol fsspec does not know.
     """
 
-    def __init__(self, directory: Any, max_to_keep: Optional[int] = 5, keep_every_n_steps: Optional[int] = None,
+    def __init__(self, directory: Any, max_to_keep: Optional[int] = DEFAULT_MAX_TO_KEEP,
+                 keep_every_n_steps: Optional[int] = None,
                  best_metric: Optional[str] = None, best_mode: str = "min", keep_best: int = 0,
                  async_save: bool = False, storage_options: Options = None, sharded: Any = "auto") -> None:
         self.store: Store = open_store(os.fspath(directory), storage_options)
         self.directory: str = self.store.root
-        self.best_metric = best_metric
-        self.best_mode = best_mode
-        self.policy = build_policy(max_to_keep, keep_every_n_steps, best_metric, best_mode, keep_best)
+        self._advice = SaveAdvice(self.store.root)
         self.storage_options = storage_options
         self.async_save = bool(async_save)
         self.formats = Formats(sharded)
         self.sharded = self.formats.setting
         self.index = StepIndex(self.store)
         self._index_lock = threading.RLock()  # the background writer updates the index too
+        self.keeping = Keeping(self.index, self._index_lock, self.directory, max_to_keep, keep_every_n_steps,
+                               best_metric, best_mode, keep_best)
         self._protocol = protocol_for(self.store)
         self._staging = StagingBuffers()
         self._reclaimer = Background("ckptmgr-reclaim")  # frees deleted steps' space
@@ -144,12 +149,7 @@ class CheckpointManager:
 
     def best_step(self) -> Optional[int]:
         """The committed step with the best ``best_metric`` (ties: the newer), or None."""
-        if not self.best_metric:
-            return None
-        with self._index_lock:
-            infos = list(self.index.refresh().values())
-        ranked = best_of(infos, self.best_metric, self.best_mode)
-        return ranked[0] if ranked else None
+        return self.keeping.best_step()
 
     # ------------------------------------------------------------------ save
 
@@ -191,10 +191,11 @@ class CheckpointManager:
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         objs = TrainingObjects(model, optimizer, scheduler, scaler, extra)
         fmt = self.formats.for_save(model)
+        self._advice.before_save(model, metrics, self.keeping.known.best_metric, self.keeping.known.keep_best)
         if not self.async_save:
             snapshot, error = self._collect(fmt, step, objs, metrics, meta, stage=False)
             with finish_before_interrupt(f"checkpoint step {step}"):  # Ctrl-C: commit first, then stop
-                return self._write_and_commit(fmt, snapshot, error, force, group=None)
+                return self._write_and_commit(fmt, snapshot, error, force, group=None, bar=dist.get_rank() == 0)
         self._writer.wait()  # back-pressure: one save in flight; raises the previous save's error
         snapshot, error = self._collect(fmt, step, objs, metrics, meta, stage=True)
         if error is not None and dist.get_world_size() == 1:
@@ -214,15 +215,20 @@ class CheckpointManager:
             return Snapshot(step, {}), exc
 
     def _write_and_commit(self, fmt: StepFormat, snapshot: Snapshot, error: Optional[Exception], force: bool,
-                          group: Any) -> str:
+                          group: Any, bar: bool = False) -> str:
         """Write, commit (manifest last), retain: the part an async save runs in the background."""
-        final, manifest = save_step(self.store, self._protocol, fmt, snapshot, error=error, force=force,
-                                    group=group, before_prepare=self._prepare_directory,
-                                    before_commit=self._owner.check)
+        with measure(f"saving step {snapshot.step}", bar=bar) as measured:
+            record = self.keeping.record() if dist.get_rank() == 0 else None  # recorded in the manifest
+            if record is not None:
+                self._advice.step_order(snapshot.step, max(self.index.known(), default=None))
+            final, manifest = save_step(self.store, self._protocol, fmt, snapshot, error=error, force=force,
+                                        group=group, before_prepare=self._prepare_directory,
+                                        before_commit=self._owner.check, retention=record)
         if manifest is not None:  # rank 0
             with self._index_lock:
-                self.index.add(snapshot.step, manifest.metrics)
-            logger.info("committed checkpoint step %d at %s", snapshot.step, self.store.uri(final))
+                self.index.add(snapshot.step, manifest.metrics, manifest.retention)
+            logger.info("committed checkpoint step %d at %s: %s", snapshot.step, self.store.uri(final),
+                        measured.summary(sum(e.size for e in manifest.files.values())))
             fault_point("save.after_rename")
             self._apply_retention(snapshot.step)
         return self.store.uri(final)
@@ -242,8 +248,8 @@ class CheckpointManager:
         protected = {saved}
         if self._restored_step is not None and self._restored_step == max(known):
             protected.add(self._restored_step)
-        reclaims = []
-        for step in steps_to_delete(list(known.values()), self.policy, protected):
+        reclaims, policy = [], self.keeping.policy
+        for step in steps_to_delete(list(known.values()), policy, protected):
             try:
                 reclaims.append(self._protocol.uncommit(step))
             except Exception as exc:  # the new checkpoint is committed; deleting can wait
@@ -254,6 +260,7 @@ class CheckpointManager:
             logger.info("retention deleted checkpoint step %d", step)
             fault_point("retention.between_deletes")
         if reclaims:
+            logger.info("retention keeps %s", kept_summary(policy, list(known.values())))
             # The dropped steps are uncommitted already; freeing their blocks can happen
             # after save() returns. The next save (and close) waits for it first.
             self._reclaimer.submit(lambda: run_reclaims(reclaims), what="deleting the checkpoints retention dropped")
@@ -289,10 +296,8 @@ class CheckpointManager:
                 tensors hold partial data: the latest-step fallback overwrites
                 them with an older step, and an explicit ``step`` raises, so do
                 not train on after a failed restore. Pass False to leave them
-                untouched until every file has checked out. Either way, what can
-                be checked without the data (model keys and shapes under
-                ``strict``; optimizer and scheduler classes, names and param
-                groups) is checked before anything is read or applied.
+                untouched until every file has checked out. Either way, what needs no tensor data (keys and
+                shapes, optimizer and scheduler classes, param groups) is checked before anything is touched.
             rng: Also set the process's RNG streams to the saved ones (False
                 leaves them alone, e.g. to evaluate the best step mid-run).
 
@@ -314,16 +319,19 @@ class CheckpointManager:
         def candidates() -> List[int]:
             with self._index_lock:
                 return list(self.index.refresh())
-        found = agree_on_step(self.store, self.formats, objs, step, candidates, verify=verify,
-                              map_location=map_location, in_place=in_place and map_location in (None, "cpu"),
-                              strict=strict)
-        if found is None:
-            return None
-        chosen, fmt, loaded = found
-        values: Dict[str, Any] = {}
-        step_store = self.store.sub(step_name(chosen))
-        agree(f"restoring step {chosen} from {self.directory} (apply)",
-              lambda: values.update(fmt.apply(loaded, step_store, objs, strict, rng=rng)))
+        with measure("restoring", bar=dist.get_rank() == 0) as measured:
+            found = agree_on_step(self.store, self.formats, objs, step, candidates, verify=verify,
+                                  map_location=map_location, in_place=in_place and map_location in (None, "cpu"),
+                                  strict=strict)
+            if found is None:
+                warn_fresh_start(self.index)
+                return None
+            chosen, fmt, loaded = found
+            values: Dict[str, Any] = {}
+            step_store = self.store.sub(step_name(chosen))
+            agree(f"restoring step {chosen} from {self.directory} (apply)",
+                  lambda: values.update(fmt.apply(loaded, step_store, objs, strict, rng=rng)))
+        logger.info("restored checkpoint step %d from %s: %s", chosen, self.directory, measured.summary())
         self._restored_step = chosen
         return RestoredCheckpoint(step=chosen, extra=values, meta=plain(loaded.get("meta") or {}),
                                   metrics=dict(loaded.manifest.metrics), path=self._step_uri(chosen))
@@ -369,7 +377,7 @@ class CheckpointManager:
         self.close()
 
     def __repr__(self) -> str:
-        return f"CheckpointManager({self.directory!r}, policy={self.policy})"
+        return f"CheckpointManager({self.directory!r}, retention={self.keeping.describe()!r})"
 
 
 def resume_from_latest(directory: Any, *, model: nn.Module, optimizer: Any = None, scheduler: Any = None,
@@ -387,5 +395,6 @@ def resume_from_latest(directory: Any, *, model: nn.Module, optimizer: Any = Non
     """
     options = kwargs.pop("storage_options", None)
     with CheckpointManager(directory, max_to_keep=None, storage_options=options) as manager:
-        restored = manager.restore(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, **kwargs)
+        restored = manager.restore(model=model, optimizer=optimizer, scheduler=scheduler,
+                                   scaler=scaler, **kwargs)
     return 0 if restored is None else restored.step + 1

@@ -46,6 +46,10 @@ class Manifest:
         world_size: Number of ranks that wrote the checkpoint.
         time: ISO-8601 UTC time of the commit.
         format_version: Layout version (readers refuse newer ones).
+        retention: The retention settings of the manager that committed it
+            (``max_to_keep``, ``keep_every_n_steps``, ``best_metric``, ``best_mode``,
+            ``keep_best``), so tools and later managers apply the run's own rule;
+            None in steps written before it was recorded.
     """
 
     step: int
@@ -55,14 +59,18 @@ class Manifest:
     world_size: int = 1
     time: str = ""
     format_version: int = FORMAT_VERSION
+    retention: Optional[Dict[str, Any]] = None
 
     def _body(self) -> Dict[str, Any]:
-        return {
+        body = {
             "format": FORMAT, "format_version": self.format_version, "step": self.step,
             "time": self.time, "world_size": self.world_size, "metrics": self.metrics,
             "components": self.components,
             "files": {name: {"size": e.size, "sha256": e.sha256} for name, e in sorted(self.files.items())},
         }
+        if self.retention is not None:  # an optional field: older readers ignore it, older manifests lack it
+            body["retention"] = self.retention
+        return body
 
     def to_bytes(self) -> bytes:
         """Serialise, with a sha256 of the canonical body so any changed byte is detected."""
@@ -97,7 +105,8 @@ class Manifest:
             files = {str(n): FileEntry(int(e["size"]), str(e["sha256"])) for n, e in body["files"].items()}
             manifest = cls(step=int(body["step"]), files=files, components=dict(body["components"]),
                            metrics=dict(body.get("metrics") or {}), world_size=int(body.get("world_size", 1)),
-                           time=str(body.get("time", "")), format_version=version)
+                           time=str(body.get("time", "")), format_version=version,
+                           retention=body["retention"] if isinstance(body.get("retention"), dict) else None)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CorruptCheckpointError(f"{source} is malformed: {exc!r}") from exc
         for name, entry in files.items():

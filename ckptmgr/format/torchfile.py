@@ -83,6 +83,7 @@ def _missing_code(exc: BaseException, source: str) -> Optional[CheckpointFormatE
     match = _MISSING_ATTR.search(str(exc))
     if match:
         name, module = match.groups()
+        module = "__main__" if module.endswith("__main__") else module  # `python -m pkg` names its __main__ so
         where = "the script that saved it (its __main__)" if module == "__main__" else f"module {module}"
         return CheckpointFormatError(
             f"{source} holds a pickled {name}, a class defined in {where}, which is not importable here",

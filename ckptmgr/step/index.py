@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Set, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Union
 
 from ..errors import CorruptCheckpointError
 from ..format.manifest import MANIFEST_NAME, Manifest
@@ -29,10 +29,11 @@ Outcome = Union[Manifest, BaseException]
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """What retention may look at: the step and the metrics recorded in its manifest."""
+    """What retention may look at: the step, the metrics and the retention settings recorded in its manifest."""
 
     step: int
     metrics: Mapping[str, Any] = field(default_factory=dict)
+    retention: Optional[Mapping[str, Any]] = None
 
 
 def read_manifests(store: Store, steps: Iterable[int]) -> Dict[int, Outcome]:
@@ -102,12 +103,19 @@ class StepIndex:
                 self._warned.add(step)
                 logger.warning("ignoring checkpoint step %d: %s", step, outcome)
         else:
-            self._known[step] = CheckpointInfo(step, outcome.metrics)
+            self._known[step] = CheckpointInfo(step, outcome.metrics, outcome.retention)
 
-    def add(self, step: int, metrics: Mapping[str, Any]) -> None:
+    def add(self, step: int, metrics: Mapping[str, Any], retention: Optional[Mapping[str, Any]] = None) -> None:
         """Record a step this process just committed."""
-        self._known[step] = CheckpointInfo(step, dict(metrics))
+        self._known[step] = CheckpointInfo(step, dict(metrics), retention)
         self._warned.discard(step)
+
+    def recorded_retention(self) -> Optional[Mapping[str, Any]]:
+        """The retention settings recorded by the newest known step that has them (None: none recorded)."""
+        for info in sorted(self._known.values(), key=lambda i: i.step, reverse=True):
+            if info.retention is not None:
+                return info.retention
+        return None
 
     def discard(self, step: int) -> None:
         """Forget a step this process deleted."""

@@ -22,7 +22,7 @@ LAYERS = [
     {"step"},
     {"hub"},
     {"loaders"},
-    {"checkpoint", "retention", "inventory", "describe", "release", "manager", "hooks"},
+    {"checkpoint", "retention", "keeping", "advice", "inventory", "describe", "release", "manager", "hooks"},
     {"integrations"},
     {"cli"},
     {""},  # the facade, ckptmgr/__init__.py

@@ -20,7 +20,6 @@ from .format.manifest import MANIFEST_NAME, Manifest
 from .io.access import open_store
 from .io.store import Options, Store
 from .retention import AnyOf, CheckpointInfo, Policy, RetentionSettings, label, steps_to_delete
-from .step.commit import protocol_for, run_reclaims
 from .step.index import read_manifests
 from .step.names import is_temp_name, leftover_step, parse_step_name
 from .step.ownership import DirectoryOwner
@@ -232,11 +231,9 @@ def is_step_dir(uri: str) -> bool:
 
 def is_manager_path(uri: str, storage_options: Options = None) -> bool:
     """True for a manager or step directory (local or fsspec); False for files and other schemes."""
-    from .loaders.fsspec import load_from_fsspec
-    from .loaders.local import load_from_local
     from .loaders.registry import CheckpointLoader
     try:
-        if CheckpointLoader.get_loader(uri) not in (load_from_local, load_from_fsspec):
+        if not CheckpointLoader.reads_storage(uri):
             return False
         return open_store(uri, storage_options).isdir()
     except CheckpointError:
@@ -299,6 +296,7 @@ def prune(directory: str, policy: Optional[Policy] = None, dry_run: bool = False
         except DirectoryInUseError as exc:
             raise DirectoryInUseError(f"not pruning: {exc.message}", "the job's own retention (max_to_keep) "
                                       "prunes it; run prune after the job stops") from None
+    from .step.commit import protocol_for, run_reclaims  # torch comes with it: listing and checking need none
     protocol = protocol_for(store)
     try:
         for step in doomed:

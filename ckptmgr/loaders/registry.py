@@ -173,6 +173,11 @@ class CheckpointLoader:
         Raises:
             UnknownSchemeError: ``filename`` has a ``scheme://`` that nothing handles.
         """
+        return resolve(cls._target(filename))
+
+    @classmethod
+    def _target(cls, filename: Any) -> Union[str, Loader]:
+        """The table entry for ``filename``: a loader, or the dotted name of a built-in one (not imported)."""
         cls._ensure_builtins()
         filename = os.fspath(filename) if isinstance(filename, os.PathLike) else str(filename)
         protocol, rest = split_protocol(filename)
@@ -181,15 +186,29 @@ class CheckpointLoader:
             table = dict(cls._schemes)
         for prefix in sorted(table, key=len, reverse=True):
             if filename.startswith(prefix) or normalized.startswith(prefix):
-                return resolve(table[prefix])
+                return table[prefix]
         if protocol is None or protocol == "file":
-            return resolve(_LOCAL)
+            return _LOCAL
         if fsspec_knows(protocol):
-            return resolve(_FSSPEC)
+            return _FSSPEC
         known = ", ".join(sorted(table)) or "(none)"
         raise UnknownSchemeError(
             f"no checkpoint loader for '{protocol}://' in {filename!r} (it is not a local path either); "
             f"registered prefixes: {known}")
+
+    @classmethod
+    def reads_storage(cls, filename: Any) -> bool:
+        """True when ``filename`` goes to the built-in local or fsspec loader (a path on a filesystem).
+
+        Nothing is imported to answer, so tools that only list storage stay light.
+
+        Raises:
+            UnknownSchemeError: ``filename`` has a ``scheme://`` that nothing handles.
+        """
+        target = cls._target(filename)
+        if callable(target):
+            target = f"{getattr(target, '__module__', '')}:{getattr(target, '__name__', '')}"
+        return target in (_LOCAL, _FSSPEC)
 
     @classmethod
     def load_checkpoint(cls, filename: str, map_location: Any = None, logger: Any = None, **kwargs: Any) -> Any:

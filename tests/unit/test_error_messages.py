@@ -19,6 +19,7 @@ from ckptmgr import (
     UnserializableStateError,
 )
 from ckptmgr.io.local import storage_error
+from ckptmgr.state.objects import clean_metrics
 
 SAVE_WHOLE_MODULE = """
 import sys, torch
@@ -75,9 +76,9 @@ def test_a_damaged_local_step_has_one_stop_and_no_download_advice(tmp_path):
 
 def test_a_non_scalar_metric_is_named():
     with pytest.raises(UnserializableStateError, match="metric 'acc' must be one number"):
-        ckptmgr.state.objects.clean_metrics({"loss": torch.tensor(0.5), "acc": torch.tensor([0.1, 0.2])})
+        clean_metrics({"loss": torch.tensor(0.5), "acc": torch.tensor([0.1, 0.2])})
     with pytest.raises(TypeError, match="metric 'acc'"):  # still a TypeError for callers that catch that
-        ckptmgr.state.objects.clean_metrics({"acc": [0.1]})
+        clean_metrics({"acc": [0.1]})
 
 
 def test_a_file_as_manager_directory_is_a_storage_error(tmp_path):

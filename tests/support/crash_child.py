@@ -21,7 +21,7 @@ import sys
 import torch
 from torch import nn
 
-import ckptmgr  # noqa: F401  (imported once here, before forking)
+from ckptmgr import CheckpointManager  # noqa: F401  (the API loads once here, before forking)
 
 
 def weights_value(model: nn.Module) -> float:

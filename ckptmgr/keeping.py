@@ -48,6 +48,12 @@ class Keeping:
         if self._settings is None:
             with self._lock:
                 self._index.refresh()
+        return self.resolve()
+
+    def resolve(self) -> RetentionSettings:
+        """:attr:`settings`, decided from what the index knows now (the caller refreshed it)."""
+        if self._settings is None:
+            with self._lock:
                 self._settings = resolve_settings(self.requested, self._index.recorded_retention(), self._where)
         return self._settings
 

@@ -218,12 +218,9 @@ class CheckpointManager:
                           group: Any, bar: bool = False) -> str:
         """Write, commit (manifest last), retain: the part an async save runs in the background."""
         with measure(f"saving step {snapshot.step}", bar=bar) as measured:
-            record = self.keeping.record() if dist.get_rank() == 0 else None  # recorded in the manifest
-            if record is not None:
-                self._advice.step_order(snapshot.step, max(self.index.known(), default=None))
             final, manifest = save_step(self.store, self._protocol, fmt, snapshot, error=error, force=force,
-                                        group=group, before_prepare=self._prepare_directory,
-                                        before_commit=self._owner.check, retention=record)
+                                        group=group, before_prepare=lambda: self._prepare_directory(snapshot.step),
+                                        before_commit=self._owner.check, retention=self.keeping.record)
         if manifest is not None:  # rank 0
             with self._index_lock:
                 self.index.add(snapshot.step, manifest.metrics, manifest.retention)
@@ -233,13 +230,15 @@ class CheckpointManager:
             self._apply_retention(snapshot.step)
         return self.store.uri(final)
 
-    def _prepare_directory(self) -> None:
+    def _prepare_directory(self, step: int) -> None:
         """Rank 0, before a save's plan: claim the directory and remove crashed saves' leftovers."""
         self._reclaimer.wait()  # the previous retention's deletes are finished before we list
         self._owner.claim()  # before cleaning: never tidy away another job's in-flight save
         with self._index_lock:
             self.index.refresh()
             self._protocol.clean_leftovers(self.index.names, self.index.uncommitted)
+        self.keeping.resolve()  # the first save decides the retention settings from this listing
+        self._advice.step_order(step, max(self.index.known(), default=None))
 
     def _apply_retention(self, saved: int) -> None:
         """Uncommit what the policy drops (rank 0, after the commit; failures only logged)."""

@@ -48,7 +48,7 @@ def save_step(store: Store, protocol: CommitProtocol, fmt: StepFormat, snapshot:
               error: Optional[BaseException], force: bool, group: Any = None,
               before_prepare: Callable[[], None] = lambda: None,
               before_commit: Callable[[], None] = lambda: None,
-              retention: Optional[Mapping[str, Any]] = None) -> Tuple[str, Optional[Manifest]]:
+              retention: Callable[[], Optional[Mapping[str, Any]]] = lambda: None) -> Tuple[str, Optional[Manifest]]:
     """Write and commit one step on every rank (a collective).
 
     Args:
@@ -62,7 +62,7 @@ def save_step(store: Store, protocol: CommitProtocol, fmt: StepFormat, snapshot:
         group: Process group for the agreement (a background writer's private one).
         before_prepare: Rank 0, before the plan is made.
         before_commit: Rank 0, right before the manifest is written.
-        retention: The manager's retention settings, recorded in the manifest.
+        retention: Rank 0, at the commit: the manager's retention settings, recorded in the manifest.
 
     Returns:
         ``(name of the committed step directory, the manifest on rank 0 / None elsewhere)``.
@@ -95,7 +95,7 @@ def save_step(store: Store, protocol: CommitProtocol, fmt: StepFormat, snapshot:
         fault_point("save.commit")
         if rank == 0:
             manifest = build_manifest(step, snapshot.metrics, [RankFiles.from_json(r) for r in written], world,
-                                      retention)
+                                      retention())
             before_commit()
             protocol.commit(plan, manifest)
             committed = True

@@ -13,13 +13,13 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .errors import CheckpointFormatError
+from .errors import CheckpointFormatError, KeyMismatchError
 from .format.checkpoint_file import kind_of, write_checkpoint_file
 from .format.maplocation import MapLocation
 from .io.access import atomic_write
 from .loaders.registry import CheckpointLoader
 from .state.keys import revise_keys as _revise_keys
-from .state.keys import select_prefix, strip_compile_prefix
+from .state.keys import select_prefix, strip_compile_prefix, top_level_prefixes
 from .state.modules import LoggerLike, get_state_dict, load_state_dict, unwrap_model, weights_to_cpu
 from .version import __version__
 
@@ -138,13 +138,21 @@ def load_checkpoint(model: nn.Module, filename: str, map_location: MapLocation =
 
     Raises:
         CheckpointFormatError: the file holds no state dict.
-        KeyMismatchError: ``strict`` and the keys do not match.
+        KeyMismatchError: ``strict`` and the keys do not match; or, even without
+            ``strict``, no key matches at all (a load that loads nothing is a mistake).
         UnsafeCheckpointError: the file needs pickle and ``trust_pickle`` is False.
     """
     checkpoint = CheckpointLoader.load_checkpoint(filename, map_location, logger, trust_pickle=trust_pickle,
                                                   storage_options=storage_options, **loader_kwargs)
     state_dict = _revise_keys(strip_compile_prefix(extract_state_dict(checkpoint, str(filename))), revise_keys)
-    load_state_dict(model, state_dict, strict=strict, logger=logger)
+    report = load_state_dict(model, state_dict, strict=strict, logger=logger)
+    if report.loaded == 0 and report.expected and state_dict:
+        theirs = ", ".join(top_level_prefixes(state_dict)[:5])
+        ours = ", ".join(top_level_prefixes(get_state_dict(model))[:5])
+        raise KeyMismatchError(f"none of the {len(state_dict)} entries of {filename} matches the model, so nothing "
+                               f"was loaded; the checkpoint's keys start with {theirs}, the model's with {ours}",
+                               "rename the checkpoint's keys with revise_keys=[(r'^prefix\\.', '')], or take a "
+                               "part with load_checkpoint_with_prefix('prefix', ...)")
     return checkpoint
 
 

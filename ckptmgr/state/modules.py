@@ -205,12 +205,21 @@ class LoadReport:
         unexpected_keys: Keys the state dict has and the model lacks.
         mismatched: ``(key, checkpoint_shape, model_shape)`` for skipped tensors.
         errors: Other messages raised by modules' ``_load_from_state_dict``.
+        loaded: Entries of the state dict that were loaded.
+        expected: Entries the model has (what a complete load fills).
     """
 
     missing_keys: List[str] = field(default_factory=list)
     unexpected_keys: List[str] = field(default_factory=list)
     mismatched: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=list)
     errors: List[str] = field(default_factory=list)
+    loaded: int = 0
+    expected: int = 0
+
+    def counts(self) -> str:
+        """``'loaded 3 of the model's 10 entries (7 missing, 2 unexpected, 0 with another shape)'``."""
+        return (f"loaded {self.loaded} of the model's {self.expected} entries ({len(self.missing_keys)} missing, "
+                f"{len(self.unexpected_keys)} unexpected, {len(self.mismatched)} with another shape)")
 
     @property
     def ok(self) -> bool:
@@ -330,10 +339,13 @@ def load_state_dict(module: nn.Module, state_dict: Mapping[str, Any], strict: bo
     report.missing_keys = [c for c in (_clean_key(k, pairs) for k in missing)
                            if c not in skipped and not c.endswith("num_batches_tracked")]
     report.unexpected_keys = [_clean_key(k, pairs) for k in unexpected]
+    report.loaded, report.expected = len(renamed) - len(unexpected), len(own)
     if report.ok:
         return report
     if strict:
         raise KeyMismatchError("state_dict does not match the model:\n" + report.summary())
     if dist.is_rank_zero():
-        _log(logger, "The model and loaded state dict do not match exactly\n" + report.summary())
+        most = "MOST OF THE MODEL WAS NOT LOADED: " if report.loaded * 2 < report.expected else ""
+        _log(logger, f"The model and loaded state dict do not match exactly: {most}{report.counts()}\n"
+             + report.summary())
     return report

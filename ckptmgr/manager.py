@@ -147,6 +147,9 @@ class CheckpointManager:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
+    policy = property(lambda self: self.keeping.policy, doc="The retention rules in force (see :attr:`keeping`).")
+    best_metric = property(lambda self: self.keeping.settings.best_metric, doc="The metric ranking checkpoints.")
+
     def best_step(self) -> Optional[int]:
         """The committed step with the best ``best_metric`` (ties: the newer), or None."""
         return self.keeping.best_step()
@@ -297,8 +300,7 @@ class CheckpointManager:
                 not train on after a failed restore. Pass False to leave them
                 untouched until every file has checked out. Either way, what needs no tensor data (keys and
                 shapes, optimizer and scheduler classes, param groups) is checked before anything is touched.
-            rng: Also set the process's RNG streams to the saved ones (False
-                leaves them alone, e.g. to evaluate the best step mid-run).
+            rng: Set the process's RNG streams to the saved ones (False leaves them, e.g. to evaluate mid-run).
 
         Returns:
             A :class:`RestoredCheckpoint`, or None when nothing is committed.
@@ -394,6 +396,5 @@ def resume_from_latest(directory: Any, *, model: nn.Module, optimizer: Any = Non
     """
     options = kwargs.pop("storage_options", None)
     with CheckpointManager(directory, max_to_keep=None, storage_options=options) as manager:
-        restored = manager.restore(model=model, optimizer=optimizer, scheduler=scheduler,
-                                   scaler=scaler, **kwargs)
+        restored = manager.restore(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, **kwargs)
     return 0 if restored is None else restored.step + 1

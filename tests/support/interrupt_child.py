@@ -10,6 +10,7 @@ in flight. Stopping the writer at a gate is the only thing patched.
 """
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -32,6 +33,8 @@ def _gated(write):
 
 if __name__ == "__main__":
     directory, mode, GATE = sys.argv[1:4]
+    # Ctrl-C as in a terminal: a test run started in the background (nohup, some CI runners) leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(message)s")
     formats.PlainFormat.write = _gated(formats.PlainFormat.write)
     torch.manual_seed(0)

@@ -24,6 +24,8 @@ from common import machine  # noqa: E402
 # (figure key in the benchmark's JSON, benchmark, label, comparison, target)
 FIGURES = [
     ("import_ckptmgr_over_torch", "import", "import ckptmgr / import torch (fresh interpreters)", "<=", 0.1),
+    ("cli_ls_startup_over_torch_import", "import", "`ckptmgr ls DIR` start-up / `python -c 'import torch'` "
+     "(whole processes)", "<=", 0.5),
     ("M1_vs_raw", "save", "M1 sync durable save throughput / raw write+fsync", ">=", 0.9),
     ("M1_vs_torch_save", "save", "M1 sync durable save throughput / torch.save+fsync", ">=", 1.0),
     ("M2_async_blocking_over_sync", "save", "M2 async blocking time / sync save time", "<=", 0.10),

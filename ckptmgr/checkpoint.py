@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .errors import CheckpointFormatError, NoStateDictError, SaveArgumentError
+from .errors import CheckpointFormatError, KeyMismatchError, NoStateDictError, SaveArgumentError
 from .format.checkpoint_file import kind_of, write_checkpoint_file
 from .format.maplocation import MapLocation
 from .format.pickled import skip_pickled
@@ -27,7 +27,7 @@ from .io.backend_args import apply_backend_args
 from .loaders.calling import accepts_keyword, loader_keywords
 from .loaders.registry import CheckpointLoader
 from .state.keys import revise_keys as _revise_keys
-from .state.keys import select_prefix
+from .state.keys import select_prefix, strip_compile_prefix, top_level_prefixes
 from .state.modules import LoggerLike, get_state_dict, is_module_wrapper, load_state_dict, unwrap_model, weights_to_cpu
 from .version import __version__
 
@@ -139,15 +139,21 @@ def extract_state_dict(checkpoint: Any, source: str = "checkpoint") -> "OrderedD
     """Find the model state dict inside a loaded checkpoint.
 
     Accepts ``{'state_dict': ...}``, ``{'model': ...}`` or a bare state dict;
-    like OpenMMLab, a ``'state_dict'`` entry counts even when it is empty.
+    like OpenMMLab, a ``'state_dict'`` entry counts even when it is empty. A
+    whole pickled ``nn.Module`` (``torch.save(model)``, loaded with
+    ``trust_pickle=True``), alone or under those keys, gives its ``state_dict()``.
 
     Raises:
         NoStateDictError: nothing that looks like a state dict is there (a
             ``CheckpointFormatError``, and a ``RuntimeError`` as OpenMMLab raises).
     """
+    if isinstance(checkpoint, nn.Module):
+        return get_state_dict(checkpoint)  # type: ignore[return-value]
     if isinstance(checkpoint, Mapping):
         for key in ("state_dict", "model"):
             inner = checkpoint.get(key)
+            if isinstance(inner, nn.Module):
+                return get_state_dict(inner)  # type: ignore[return-value]
             if isinstance(inner, Mapping) and _looks_like_state_dict(inner):
                 return inner  # type: ignore[return-value]
         if checkpoint and _looks_like_state_dict(checkpoint):
@@ -194,7 +200,8 @@ def load_checkpoint(model: nn.Module, filename: str, map_location: MapLocation =
         strict: Raise on missing/unexpected/mis-shaped keys.
         logger: Logger for mismatch warnings (``'silent'`` for none).
         revise_keys: ``(regex, replacement)`` rules applied in order to the keys
-            (default strips a DDP ``module.`` prefix).
+            (default strips a DDP ``module.`` prefix). ``torch.compile``'s
+            ``_orig_mod.`` is removed before them, whatever the rules.
         trust_pickle: Allow arbitrary pickle code (only for trusted files).
         storage_options: fsspec options for URLs.
         model_name: For a manager checkpoint saved with ``model={name: module, ...}``:
@@ -209,7 +216,8 @@ def load_checkpoint(model: nn.Module, filename: str, map_location: MapLocation =
     Raises:
         NoStateDictError: the file holds no state dict.
         CheckpointFormatError: no model ``model_name`` (the message lists the names there are).
-        KeyMismatchError: ``strict`` and the keys do not match.
+        KeyMismatchError: ``strict`` and the keys do not match; or, even without
+            ``strict``, no key matches at all (a load that loads nothing is a mistake).
         UnsafeCheckpointError: the weights need pickle and ``trust_pickle`` is False.
         UnexpectedKeywordError: (a ``TypeError``) a keyword neither this function nor the loader takes.
     """
@@ -217,9 +225,16 @@ def load_checkpoint(model: nn.Module, filename: str, map_location: MapLocation =
         loader_kwargs["model_name"] = model_name  # a manager directory's loader picks the model's file
     checkpoint = _load_for_weights(filename, map_location, logger, trust_pickle, storage_options, loader_kwargs,
                                    "load_checkpoint")
-    state_dict = _revise_keys(extract_state_dict(_select_model(checkpoint, model_name, str(filename)),
-                                                 str(filename)), revise_keys)
-    load_state_dict(model, state_dict, strict=strict, logger=logger)
+    state_dict = _revise_keys(strip_compile_prefix(extract_state_dict(
+        _select_model(checkpoint, model_name, str(filename)), str(filename))), revise_keys)
+    report = load_state_dict(model, state_dict, strict=strict, logger=logger)
+    if report.loaded == 0 and report.expected and state_dict:
+        theirs = ", ".join(top_level_prefixes(state_dict)[:5])
+        ours = ", ".join(top_level_prefixes(get_state_dict(model))[:5])
+        raise KeyMismatchError(f"none of the {len(state_dict)} entries of {filename} matches the model, so nothing "
+                               f"was loaded; the checkpoint's keys start with {theirs}, the model's with {ours}",
+                               "rename the checkpoint's keys with revise_keys=[(r'^prefix\\.', '')], or take a "
+                               "part with load_checkpoint_with_prefix('prefix', ...)")
     return checkpoint
 
 
@@ -265,4 +280,4 @@ def load_checkpoint_with_prefix(prefix: str, filename: str, map_location: MapLoc
     """
     checkpoint = _load_for_weights(filename, map_location, None, trust_pickle, storage_options, loader_kwargs,
                                    "load_checkpoint_with_prefix")
-    return select_prefix(extract_state_dict(checkpoint, str(filename)), prefix)
+    return select_prefix(strip_compile_prefix(extract_state_dict(checkpoint, str(filename))), prefix)

@@ -133,7 +133,9 @@ def _describe_file(uri: str, limit: Optional[int], trust_pickle: bool) -> Dict[s
     except CheckpointFormatError:
         weights = None
     mapping = isinstance(ckpt, Mapping)
-    return {"source": uri, "kind": "file", "size": size,
+    module = type(ckpt).__name__ if not mapping and weights is not None else None
+    kind = f"a whole pickled {module} module; its state_dict() is shown" if module else "file"
+    return {"source": uri, "kind": kind, "size": size,
             "meta": jsonable(ckpt["meta"]) if mapping and isinstance(ckpt.get("meta"), Mapping) else None,
             "state_dict": None if weights is None else _tensor_table(weights, limit),
             "optimizer": _optimizers(ckpt.get("optimizer")) if mapping else None,

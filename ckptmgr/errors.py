@@ -33,7 +33,8 @@ class CheckpointError(Exception):
     def __init__(self, message: str, hint: Optional[str] = None) -> None:
         self.message = message
         self.hint = hint if hint is not None else self.default_hint
-        text = f"{message}. Hint: {self.hint}" if self.hint else message
+        stop = "" if message.endswith((".", "!", "?")) else "."  # never "...." after an elided hash
+        text = f"{message}{stop} Hint: {self.hint}" if self.hint else message
         super().__init__(text)
 
     def __reduce__(self):  # keep the two-argument constructor picklable across processes
@@ -55,14 +56,15 @@ class CheckpointExistsError(CheckpointError, FileExistsError):
 class CorruptCheckpointError(CheckpointError, ValueError):
     """A file is truncated, garbled or not in a format ckptmgr can read."""
 
-    default_hint = ("the file is damaged or incomplete; restore an older checkpoint "
-                    "(`ckptmgr verify` names the bad file) or download it again")
+    default_hint = ("the file is damaged or incomplete: restore an older checkpoint "
+                    "(`ckptmgr verify DIR` names every bad file)")
 
 
 class ChecksumError(CorruptCheckpointError):
     """Bytes on storage do not match the recorded size or sha256."""
 
-    default_hint = "the data changed after it was written; download it again or restore an older checkpoint"
+    default_hint = ("the bytes changed after they were written: restore an older checkpoint "
+                    "(`ckptmgr verify DIR` names every damaged file)")
 
 
 class UnsafeCheckpointError(CheckpointError):

@@ -20,16 +20,15 @@ from .format.manifest import MANIFEST_NAME, Manifest
 from .format.signing import SigningKey
 from .io.access import open_store
 from .io.store import Options, Store
-from .retention import AnyOf, CheckpointInfo, KeepAll, KeepBest, KeepEvery, KeepLast, Policy, steps_to_delete
-from .step.commit import protocol_for, run_reclaims
+from .retention import AnyOf, CheckpointInfo, Policy, RetentionSettings, label, steps_to_delete
 from .step.index import read_manifests
 from .step.names import is_temp_name, leftover_step, parse_step_name
 from .step.ownership import DirectoryOwner
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DirEntry", "scan_directory", "StepCheck", "check_step", "verify", "kept_by", "is_manager_path",
-           "is_step_dir", "PruneResult", "prune", "with_local_tier"]
+__all__ = ["DirEntry", "scan_directory", "StepCheck", "check_step", "verify", "kept_by", "recorded_settings",
+           "is_manager_path", "is_step_dir", "PruneResult", "prune", "with_local_tier"]
 
 # --------------------------------------------------------------------------- a manager directory
 
@@ -249,12 +248,17 @@ def kept_by(entries: Sequence[DirEntry], policy: Policy) -> Dict[int, List[str]]
     infos = [CheckpointInfo(e.step, e.manifest.metrics) for e in entries if e.manifest is not None]
     out: Dict[int, List[str]] = {info.step: [] for info in infos}
     for rule in policy.policies if isinstance(policy, AnyOf) else (policy,):
-        label = ("all" if isinstance(rule, KeepAll) else f"last {rule.n}" if isinstance(rule, KeepLast)
-                 else f"every {rule.n}" if isinstance(rule, KeepEvery)
-                 else f"best {rule.k} by {rule.metric}" if isinstance(rule, KeepBest) else type(rule).__name__)
         for step in rule.keep(infos):
-            out[step].append(label)
+            out[step].append(label(rule))
     return out
+
+
+def recorded_settings(entries: Sequence[DirEntry]) -> Optional[RetentionSettings]:
+    """The retention settings recorded by the newest committed entry that has them (None: none recorded)."""
+    for entry in sorted(entries, key=lambda e: e.step, reverse=True):
+        if entry.manifest is not None and entry.manifest.retention is not None:
+            return RetentionSettings.from_json(entry.manifest.retention)
+    return None
 
 
 def is_step_dir(uri: str) -> bool:
@@ -264,11 +268,9 @@ def is_step_dir(uri: str) -> bool:
 
 def is_manager_path(uri: str, storage_options: Options = None) -> bool:
     """True for a manager or step directory (local or fsspec); False for files and other schemes."""
-    from .loaders.fsspec import load_from_fsspec
-    from .loaders.local import load_from_local
     from .loaders.registry import CheckpointLoader
     try:
-        if CheckpointLoader.get_loader(uri) not in (load_from_local, load_from_fsspec):
+        if not CheckpointLoader.reads_storage(uri):
             return False
         return open_store(uri, storage_options).isdir()
     except CheckpointError:
@@ -290,18 +292,33 @@ class PruneResult:
     errors: List[str] = field(default_factory=list)
 
 
-def prune(directory: str, policy: Policy, dry_run: bool = False, storage_options: Options = None) -> PruneResult:
+def prune(directory: str, policy: Optional[Policy] = None, dry_run: bool = False,
+          storage_options: Options = None) -> PruneResult:
     """Delete the committed steps ``policy`` drops, through the manager's uncommit-then-delete protocol.
 
     Temporary directories and files ckptmgr does not own are never touched. On
     a local directory the writer lock a saving job holds is taken first, so a
     live job's directory is refused.
 
+    Args:
+        directory: The manager directory.
+        policy: The rules to keep by; None for the ones recorded with the run (its newest manifest).
+        dry_run: Only say what would be deleted.
+        storage_options: fsspec options for URLs.
+
     Raises:
         DirectoryInUseError: a job is saving into the (local) directory.
+        CheckpointFormatError: ``policy`` is None and the run recorded none (written by ckptmgr 0.1).
     """
     store = open_store(directory, storage_options)
     entries = scan_directory(store)
+    if policy is None:
+        recorded = recorded_settings(entries)
+        if recorded is None:
+            raise CheckpointFormatError(f"{store.root} records no retention policy (its checkpoints predate the "
+                                        "record, or there are none)", "say what to keep: --keep N (and the other "
+                                        "retention flags), or a policy from ckptmgr.retention.build_policy")
+        policy = recorded.policy()
     committed = [e for e in entries if e.manifest is not None]
     doomed = steps_to_delete([CheckpointInfo(e.step, e.manifest.metrics) for e in committed  # type: ignore[union-attr]
                               ], policy)
@@ -316,6 +333,7 @@ def prune(directory: str, policy: Policy, dry_run: bool = False, storage_options
         except DirectoryInUseError as exc:
             raise DirectoryInUseError(f"not pruning: {exc.message}", "the job's own retention (max_to_keep) "
                                       "prunes it; run prune after the job stops") from None
+    from .step.commit import protocol_for, run_reclaims  # torch comes with it: listing and checking need none
     protocol = protocol_for(store)
     try:
         for step in doomed:

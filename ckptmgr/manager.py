@@ -12,34 +12,35 @@ This module only orchestrates; the layers below do the work:
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from . import distributed as dist
-from .distributed import agree
+from .advice import SaveAdvice
 from .errors import CheckpointError
 from .faults import fault_point
 from .format.maplocation import MapLocation
 from .format.signing import load_key
 from .io.access import open_store
 from .io.store import Options, Store
-from .retention import best_of, build_policy, steps_to_delete, uncommit_dropped
+from .keeping import Keeping
+from .restoring import restore_step
+from .retention import DEFAULT_MAX_TO_KEEP, kept_summary, steps_to_delete, uncommit_dropped
 from .state.models import ModelArg, check_model
-from .state.objects import check_index, plain
+from .state.objects import check_index
 from .state.partial import Exclusion
 from .state.staging import StagingBuffers
-from .step.background import Background
+from .step.background import Background, finish_before_interrupt
 from .step.commit import protocol_for, run_reclaims
 from .step.formats import Formats, StepFormat
 from .step.index import StepIndex
-from .step.load import agree_on_step
 from .step.names import step_name
 from .step.ownership import DirectoryOwner
+from .step.progress import measure
 from .step.rankstate import check_policy
-from .step.records import Applied, RestoredCheckpoint, Snapshot, TrainingObjects
+from .step.records import RestoredCheckpoint, Snapshot, TrainingObjects
 from .step.save import save_step
 from .step.tiers import Persistent, TieredSteps
 from .warmstart import DEFAULT_REVISE_KEYS, WarmStart
@@ -71,7 +72,8 @@ class CheckpointManager:
 
     Args:
         directory: Local path or fsspec URL (``s3://bucket/run1``).
-        max_to_keep: Keep this many newest checkpoints (None: keep all).
+        max_to_keep: Keep this many newest checkpoints (None: keep all). Given no retention argument at all, a
+            manager keeps by the settings recorded with the run (see :mod:`ckptmgr.keeping`), else 5.
         keep_every_n_steps: Also keep every step divisible by this.
         best_metric: Metric name that ranks checkpoints for ``keep_best`` and :meth:`best_step`.
         best_mode: ``'min'`` (lower is better) or ``'max'``.
@@ -107,15 +109,15 @@ class CheckpointManager:
         UnknownSchemeError: ``directory`` is a URL of a protocol fsspec does not know.
     """
 
-    def __init__(self, directory: Any, max_to_keep: Optional[int] = 5, keep_every_n_steps: Optional[int] = None,
+    def __init__(self, directory: Any, max_to_keep: Optional[int] = DEFAULT_MAX_TO_KEEP,
+                 keep_every_n_steps: Optional[int] = None,
                  best_metric: Optional[str] = None, best_mode: str = "min", keep_best: int = 0,
                  async_save: bool = False, storage_options: Options = None, sharded: Any = "auto",
                  save_frozen: bool = True, init_from: Any = None, init_revise_keys: Any = DEFAULT_REVISE_KEYS,
                  signing_key: Any = None, local_dir: Any = None, local_max_to_keep: int = 1) -> None:
         self.store: Store = open_store(os.fspath(directory), storage_options)
         self.directory: str = self.store.root
-        self.best_metric, self.best_mode = best_metric, best_mode
-        self.policy = build_policy(max_to_keep, keep_every_n_steps, best_metric, best_mode, keep_best)
+        self._advice = SaveAdvice(self.store.root)
         self.storage_options, self.async_save = storage_options, bool(async_save)
         self.formats = Formats(sharded, save_frozen)
         self.init_from = None if init_from is None else WarmStart.of(init_from, init_revise_keys, storage_options)
@@ -126,6 +128,8 @@ class CheckpointManager:
         self.sharded = self.formats.setting
         self.index = StepIndex(self.store)
         self._index_lock = threading.RLock()  # the background writer updates the index too
+        self.keeping = Keeping(self.index, self._index_lock, self.directory, max_to_keep, keep_every_n_steps,
+                               best_metric, best_mode, keep_best)
         self._protocol = protocol_for(self.store)
         self._staging = StagingBuffers()
         self._reclaimer = Background("ckptmgr-reclaim")  # frees deleted steps' space
@@ -139,7 +143,8 @@ class CheckpointManager:
         self._closed = False
         self._tiers = None if local_dir is None else TieredSteps(Persistent(  # constructing it is a collective
             self.store, self._protocol, self.index, self._index_lock, self._owner, self._prepare_directory,
-            functools.partial(steps_to_delete, policy=self.policy), self._reclaimer), local_dir, local_max_to_keep)
+            lambda infos, protected=(): steps_to_delete(infos, self.keeping.policy, protected), self._reclaimer),
+            local_dir, local_max_to_keep)
 
     # ------------------------------------------------------------------ listing
 
@@ -162,14 +167,12 @@ class CheckpointManager:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
+    policy = property(lambda self: self.keeping.policy, doc="The retention rules in force (see :attr:`keeping`).")
+    best_metric = property(lambda self: self.keeping.settings.best_metric, doc="The metric ranking checkpoints.")
+
     def best_step(self) -> Optional[int]:
         """The committed step with the best ``best_metric`` (ties: the newer), or None."""
-        if not self.best_metric:
-            return None
-        with self._index_lock:
-            infos = list(self.index.refresh().values())
-        ranked = best_of(infos, self.best_metric, self.best_mode)
-        return ranked[0] if ranked else None
+        return self.keeping.best_step()
 
     # ------------------------------------------------------------------ save
 
@@ -212,9 +215,11 @@ class CheckpointManager:
         step = check_index("step", step)
         objs = TrainingObjects(check_model(model), optimizer, scheduler, scaler, extra, rank_state)
         fmt = self.formats.for_save(model)
+        self._advice.before_save(model, metrics, self.keeping.known.best_metric, self.keeping.known.keep_best)
         if not self.async_save:
             snapshot, error = self._collect(fmt, step, objs, metrics, meta, stage=False)
-            return self._write_and_commit(fmt, snapshot, error, force, group=None)
+            with finish_before_interrupt(f"checkpoint step {step}"):  # Ctrl-C: commit first, then stop
+                return self._write_and_commit(fmt, snapshot, error, force, group=None, bar=dist.get_rank() == 0)
         self._writer.wait()  # back-pressure: one save in flight; raises the previous save's error
         snapshot, error = self._collect(fmt, step, objs, metrics, meta, stage=True)
         if error is not None and dist.get_world_size() == 1:
@@ -235,17 +240,20 @@ class CheckpointManager:
             return Snapshot(step=step, rng={}), exc
 
     def _write_and_commit(self, fmt: StepFormat, snapshot: Snapshot, error: Optional[Exception], force: bool,
-                          group: Any) -> str:
+                          group: Any, bar: bool = False) -> str:
         """Write, commit (manifest last), retain: the part an async save runs in the background."""
         if self._tiers:
             return self._tiers.save(fmt, snapshot, error, force, group)
-        final, manifest = save_step(self.store, self._protocol, fmt, snapshot, error=error, force=force,
-                                    group=group, before_prepare=lambda: self._prepare_directory(snapshot.step),
-                                    before_commit=self._owner.check, signing_key=self.signing_key)
+        with measure(f"saving step {snapshot.step}", bar=bar) as measured:
+            final, manifest = save_step(self.store, self._protocol, fmt, snapshot, error=error, force=force,
+                                        group=group, before_prepare=lambda: self._prepare_directory(snapshot.step),
+                                        before_commit=self._owner.check, signing_key=self.signing_key,
+                                        retention=self.keeping.record)
         if manifest is not None:  # rank 0
             with self._index_lock:
-                self.index.add(snapshot.step, manifest.metrics)
-            logger.info("committed checkpoint step %d at %s", snapshot.step, self.store.uri(final))
+                self.index.add(snapshot.step, manifest.metrics, manifest.time, manifest.retention)
+            logger.info("committed checkpoint step %d at %s: %s", snapshot.step, self.store.uri(final),
+                        measured.summary(sum(e.size for e in manifest.files.values())))
             fault_point("save.after_rename")
             self._apply_retention(snapshot.step)
         return self.store.uri(final)
@@ -257,15 +265,20 @@ class CheckpointManager:
         with self._index_lock:  # nor what another job writes for this very step (it may commit first)
             self.index.refresh()
             self._protocol.clean_leftovers(self.index.names, [s for s in self.index.uncommitted if s != step])
+        self.keeping.resolve()  # the first save decides the retention settings from this listing
+        if step is not None:
+            self._advice.step_order(step, max(self.index.known(), default=None))
 
     def _apply_retention(self, saved: int) -> None:
         """Uncommit what the policy drops (rank 0, after the commit); free their space in the background."""
-        reclaims = uncommit_dropped(self.index, self._index_lock, self.policy, saved, self._restored_step,
-                                    self._protocol)
+        policy = self.keeping.policy
+        reclaims = uncommit_dropped(self.index, self._index_lock, policy, saved, self._restored_step, self._protocol)
         if reclaims:
+            with self._index_lock:
+                logger.info("retention keeps %s", kept_summary(policy, list(self.index.known().values())))
             # The dropped steps are uncommitted already; freeing their blocks can happen
             # after save() returns. The next save (and close) waits for it first.
-            self._reclaimer.submit(lambda: run_reclaims(reclaims), what="freeing deleted checkpoints")
+            self._reclaimer.submit(lambda: run_reclaims(reclaims), what="deleting the checkpoints retention dropped")
 
     # ------------------------------------------------------------------ restore
 
@@ -273,7 +286,7 @@ class CheckpointManager:
                 scheduler: Any = None, scaler: Any = None, extra: Optional[Mapping[str, Any]] = None,
                 strict: bool = True, verify: bool = True, map_location: MapLocation = None,
                 in_place: bool = True, exclude: Any = (), rank_state: Any = None,
-                on_world_size_change: str = "error") -> Optional[RestoredCheckpoint]:
+                on_world_size_change: str = "error", rng: bool = True) -> Optional[RestoredCheckpoint]:
         """Load a checkpoint into the given objects.
 
         Every file is checked against the manifest before anything is applied:
@@ -299,13 +312,15 @@ class CheckpointManager:
                 tensors hold partial data: the latest-step fallback overwrites
                 them with an older step, and an explicit ``step`` raises, so do
                 not train on after a failed restore. Pass False to leave them
-                untouched until every file has checked out.
+                untouched until every file has checked out. Either way, what needs no tensor data (keys and
+                shapes, optimizer and scheduler classes, param groups) is checked before anything is touched.
             exclude: Component names (``'optimizer'``, ``'rng'``, ...) and model-key patterns (``'re:^head\\.'``)
                 to leave untouched, logged at INFO (see :class:`ckptmgr.state.partial.Exclusion`).
             rank_state: This rank's objects for its saved rank state (a dict, or a
                 callable returning one); saved values are in ``RestoredCheckpoint.rank_state``.
             on_world_size_change: ``'error'``: a step with rank state of another world size raises
                 WorldSizeChangedError before anything is loaded; ``'skip'``: restore the rest, warn.
+            rng: Set the process's RNG streams to the saved ones (False leaves them, e.g. to evaluate mid-run).
 
         Returns:
             A :class:`RestoredCheckpoint`, or None when nothing is committed (after a warm start from ``init_from``).
@@ -325,29 +340,8 @@ class CheckpointManager:
         objs = TrainingObjects(check_model(model), optimizer, scheduler, scaler, extra, rank_state,
                                exclude=Exclusion.parse(exclude))
         opts: Dict[str, Any] = {"verify": verify, "map_location": map_location, "on_world_size_change": policy,
-                                "in_place": in_place and map_location in (None, "cpu")}
-        if self._tiers:
-            found = self._tiers.restore(self.formats, objs, step, **opts)
-        else:
-            found = agree_on_step(self.store, self.formats, objs, step, self.all_steps, signing_key=self.signing_key,
-                                  **opts)
-            found = found and (*found, self.store.sub(step_name(found[0])))
-        if not found:
-            if step is None and self.init_from is not None:
-                self.init_from.load(model, objs.exclude)
-            return None
-        chosen, fmt, loaded, step_store = found
-        if self.init_from is not None:
-            self.init_from.skipped(chosen, self.directory)
-        applied: List[Applied] = []
-        agree(f"restoring step {chosen} from {self.directory} (apply)",
-              lambda: applied.append(fmt.apply(loaded, step_store, objs, strict)))
-        self._restored_step = chosen
-        if self._tiers:
-            self._tiers.restored(chosen)  # uploads owed since a crash start now
-        return RestoredCheckpoint(step=chosen, extra=applied[0].extra, meta=plain(loaded.get("meta") or {}),
-                                  metrics=dict(loaded.manifest.metrics), path=step_store.root,
-                                  rank_state=applied[0].rank_state)
+                                "in_place": in_place and map_location in (None, "cpu"), "strict": strict}
+        return restore_step(self, objs, step, strict=strict, rng=rng, opts=opts)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -396,4 +390,4 @@ class CheckpointManager:
         self.close()
 
     def __repr__(self) -> str:
-        return f"CheckpointManager({self.directory!r}, policy={self.policy})"
+        return f"CheckpointManager({self.directory!r}, retention={self.keeping.describe()!r})"

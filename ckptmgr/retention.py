@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from typing import Any, Iterable, List, Optional, Sequence, Set, Tuple
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 from .faults import fault_point
 from .step.index import CheckpointInfo
@@ -19,7 +19,8 @@ from .step.index import CheckpointInfo
 logger = logging.getLogger(__name__)
 
 __all__ = ["CheckpointInfo", "Policy", "uncommit_dropped", "KeepLast", "KeepEvery", "KeepBest", "KeepAll", "AnyOf",
-           "build_policy", "steps_to_delete", "best_of"]
+           "build_policy", "steps_to_delete", "best_of", "label", "kept_summary", "DEFAULT_MAX_TO_KEEP",
+           "RetentionSettings", "resolve_settings"]
 
 
 class Policy:
@@ -143,6 +144,108 @@ def build_policy(max_to_keep: Optional[int] = 5, keep_every_n_steps: Optional[in
     if keep_best and best_metric:
         policies.append(KeepBest(best_metric, keep_best, best_mode))
     return AnyOf(tuple(policies))
+
+
+def label(rule: Policy) -> str:
+    """A rule in words, as listings show it: ``'last 3'``, ``'every 1000'``, ``'best 2 by loss'``, ``'all'``."""
+    if isinstance(rule, KeepAll):
+        return "all"
+    if isinstance(rule, KeepLast):
+        return f"last {rule.n}"
+    if isinstance(rule, KeepEvery):
+        return f"every {rule.n}"
+    if isinstance(rule, KeepBest):
+        return f"best {rule.k} by {rule.metric}"
+    return type(rule).__name__
+
+
+def kept_summary(policy: Policy, checkpoints: Sequence[CheckpointInfo]) -> str:
+    """What each rule of ``policy`` keeps among ``checkpoints``: ``'last 2: steps 5, 6; best 1 by loss: step 2'``."""
+    parts = []
+    for rule in policy.policies if isinstance(policy, AnyOf) else (policy,):
+        kept = sorted(rule.keep(checkpoints))
+        what = (f"step{'s' * (len(kept) != 1)} {', '.join(map(str, kept))}" if kept
+                else "nothing (no checkpoint has that metric)" if isinstance(rule, KeepBest) else "nothing")
+        parts.append(f"{label(rule)}: {what}")
+    return "; ".join(parts)
+
+
+class _DefaultCount(int):
+    """``max_to_keep``'s default (5), told apart from an explicit 5 by identity."""
+
+    def __repr__(self) -> str:
+        return "5"
+
+
+#: The default of ``CheckpointManager(max_to_keep=...)``. A manager given no retention
+#: argument at all adopts the policy recorded in its directory instead (see :func:`resolve_settings`).
+DEFAULT_MAX_TO_KEEP: int = _DefaultCount(5)
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    """A manager's retention arguments, as recorded in each manifest it commits (``manifest.retention``)."""
+
+    max_to_keep: Optional[int] = 5
+    keep_every_n_steps: Optional[int] = None
+    best_metric: Optional[str] = None
+    best_mode: str = "min"
+    keep_best: int = 0
+
+    def policy(self) -> Policy:
+        """The rules these settings keep by (see :func:`build_policy`)."""
+        return build_policy(self.max_to_keep, self.keep_every_n_steps, self.best_metric, self.best_mode,
+                            self.keep_best)
+
+    def to_json(self) -> Dict[str, Any]:
+        """The settings as the manifest records them (plain ints, even for the default)."""
+        data = asdict(self)
+        data["max_to_keep"] = None if self.max_to_keep is None else int(self.max_to_keep)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Optional[Mapping[str, Any]]) -> Optional["RetentionSettings"]:
+        """Settings read back from a manifest; None when there are none or they do not make a valid policy."""
+        if not isinstance(data, Mapping):
+            return None
+        try:
+            settings = cls(**{k: data[k] for k in ("max_to_keep", "keep_every_n_steps", "best_metric", "best_mode",
+                                                   "keep_best") if k in data})
+            settings.policy()
+        except (TypeError, ValueError):
+            return None
+        return settings
+
+    def describe(self) -> str:
+        """The rules in words: ``'last 3, every 1000, best 1 by loss (min)'``."""
+        policy = self.policy()
+        rules = policy.policies if isinstance(policy, AnyOf) else (policy,)
+        text = ", ".join(label(rule) for rule in rules)
+        return f"{text} ({self.best_mode})" if self.keep_best else text
+
+
+def resolve_settings(requested: Optional[RetentionSettings], recorded: Optional[Mapping[str, Any]],
+                     where: str) -> RetentionSettings:
+    """The settings a manager keeps checkpoints by: the caller's, else the ones recorded with the run.
+
+    A manager given no retention argument (``requested`` None) adopts the
+    policy the directory's newest manifest records, so a bare
+    ``CheckpointManager(dir)`` opened to restore and save never imposes its
+    default ``max_to_keep=5`` on a run that kept more; with nothing recorded
+    (a new directory, or one written by ckptmgr 0.1) the defaults apply.
+    Explicit arguments always win; a change from the recorded policy is logged.
+    """
+    previous = RetentionSettings.from_json(recorded)
+    if requested is None:
+        if previous is None:
+            return RetentionSettings()
+        logger.info("%s: keeping checkpoints by the retention policy recorded with the run: %s", where,
+                    previous.describe())
+        return previous
+    if previous is not None and previous != requested:
+        logger.info("%s: retention policy changes from %s (recorded with the run) to %s", where,
+                    previous.describe(), requested.describe())
+    return requested
 
 
 def steps_to_delete(checkpoints: Sequence[CheckpointInfo], policy: Policy,

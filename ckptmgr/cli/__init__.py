@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -41,6 +42,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.basicConfig(level=level, format="ckptmgr: %(levelname)s: %(message)s", stream=sys.stderr)
     try:
         return int(args.func(args))
+    except BrokenPipeError:  # `ckptmgr ls DIR | head`: the reader has what it wanted
+        _silence_stdout()
+        return 0
     except UsageError as exc:
         print(f"ckptmgr {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -56,3 +60,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the flush at exit does not fail on the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real file descriptor (captured output): nothing to flush into a pipe
+        pass

@@ -21,29 +21,49 @@ __all__ = ["cmd_ls", "cmd_inspect", "cmd_verify", "cmd_convert", "cmd_publish", 
 
 
 def _need_dir(uri: str) -> str:
-    if not open_store(uri).isdir():
-        raise CheckpointNotFoundError(f"{uri} is not a directory", "pass a CheckpointManager directory")
+    store = open_store(uri)
+    if not store.isdir():
+        if store.exists():
+            raise CheckpointNotFoundError(f"{uri} is a file, not a directory",
+                                          "pass a CheckpointManager directory; `ckptmgr inspect` reads single files")
+        raise CheckpointNotFoundError(f"{uri} does not exist", "check the path; pass a CheckpointManager directory")
     return uri.rstrip("/") or uri
+
+
+def _nothing_here(directory: str) -> CheckpointNotFoundError:
+    others = open_store(directory).listdir()
+    what = (f"{len(others)} other entr{'ies' if len(others) != 1 else 'y'}, none of them ckptmgr's" if others
+            else "it is empty")
+    return CheckpointNotFoundError(f"{directory} holds no checkpoints ({what})",
+                                   "pass the directory a CheckpointManager saved into")
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
     """List the checkpoints of a manager directory."""
-    from ..inventory import is_step_dir, kept_by, scan_directory
-    from ..step.load import model_names
+    from ..inventory import is_step_dir, kept_by, recorded_settings, scan_directory
     directory = _need_dir(args.path)
     entries = scan_directory(directory)
     where = None
     if getattr(args, "local_dir", None):  # tiered: also this node's local copies, and where each step is
         from ..inventory import with_local_tier
         entries, where = with_local_tier(entries, args.local_dir)
+    if not entries and is_step_dir(directory):
+        print(f"{directory} is a step directory; try `ckptmgr inspect` or `ckptmgr verify` on it")
+        return 0
+    if not entries:
+        raise _nothing_here(directory)
     committed = [e for e in entries if e.manifest is not None]
     incomplete = [e for e in entries if e.manifest is None]
-    rules = any(v is not None for v in (args.keep, args.keep_every)) or bool(args.keep_best)
-    kept = kept_by(committed, policy_from_args(args)) if rules else None
-    names = {e.step: model_names(e.manifest) for e in committed if e.manifest is not None}
-    several = any(len(n) > 1 or n != ["model"] for n in names.values())
+    policy, recorded = policy_from_args(args), None
+    if policy is None:
+        recorded = recorded_settings(committed)
+        policy = recorded.policy() if recorded is not None else None
+    kept = kept_by(committed, policy) if policy is not None else None
+    names = {e.step: e.manifest.model_names() for e in committed if e.manifest is not None}
+    several = any(n != ["model"] for n in names.values())
     if args.json:
-        render.print_json({"directory": directory, "checkpoints": [
+        render.print_json({"directory": directory, "retention": recorded.to_json() if recorded else None,
+                           "checkpoints": [
             {"step": e.step, "name": e.name, "time": e.manifest.time, "size": e.size, "metrics": e.manifest.metrics,
              "world_size": e.manifest.world_size, "models": names[e.step],
              **({"kept_by": kept[e.step]} if kept is not None else {}),
@@ -52,11 +72,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
             "incomplete": [{"name": e.name, "step": e.step, "status": e.status, "problem": e.problem or None}
                            for e in incomplete]})
         return 0
-    if not entries and is_step_dir(directory):
-        print(f"{directory} is a step directory; try `ckptmgr inspect` or `ckptmgr verify` on it")
-        return 0
     latest = f" (latest: step {committed[-1].step})" if committed else ""
     print(f"{directory}: {len(committed)} committed checkpoint{'s' * (len(committed) != 1)}{latest}")
+    if recorded is not None:
+        print(f"retention recorded with the run: {recorded.describe()}")
     if committed:
         rows = [["STEP", "COMMITTED (UTC)", "SIZE", "METRICS"] + (["MODELS"] if several else [])
                 + (["WHERE"] if where is not None else []) + (["KEPT BY"] if kept is not None else [])]
@@ -90,7 +109,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
               f"{len(info['files'])} files")
         print(f"metrics: {render.metrics(info['metrics'])}")
     else:
-        print(f"{info['source']}: {render.size(info['size'])}" if info["size"] is not None else info["source"])
+        kind = "" if info["kind"] == "file" else f" ({info['kind']})"
+        print(f"{info['source']}: {render.size(info['size'])}{kind}" if info["size"] is not None
+              else info["source"] + kind)
     if info.get("meta"):
         print("meta:")
         for key, value in info["meta"].items():
@@ -139,10 +160,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     checked = [r for r in results if r.status in ("checked", "file")]
     bad = [r for r in checked if not r.ok]
     if args.json:
-        render.print_json({"ok": not bad, "checked": [{"path": r.uri, "status": r.status, "ok": r.ok if r in checked
-                                                       else None, "problems": r.problems,
-                                                       "signed_by": r.signed_by or None} for r in results]})
-        return 1 if bad else 0
+        render.print_json({"ok": bool(checked) and not bad, "checked": [
+            {"path": r.uri, "status": r.status, "ok": r.ok if r in checked else None, "problems": r.problems,
+             "signed_by": r.signed_by or None} for r in results]})
+        return 1 if bad or not checked else 0
     for r in results:
         what = f"{len(r.manifest.files)} files" if r.manifest else "sha256 matches its name"
         what += f", signed with key id {r.signed_by}" if r.signed_by else ""
@@ -150,6 +171,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
               f"{r.uri}  OK ({what})" if r.ok else f"{r.uri}  DAMAGED")
         for problem in r.problems:
             print(f"    {problem}")
+    if not checked:
+        print(f"{args.path}: nothing committed to verify", file=sys.stderr)
+        return 1
     print(f"{len(bad)} of {len(checked)} damaged" if bad else f"all {len(checked)} intact")
     return 1 if bad else 0
 
@@ -199,9 +223,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Delete the committed checkpoints a retention policy drops."""
+    from ..errors import CheckpointFormatError
     from ..inventory import prune
-    policy = policy_from_args(args)
-    result = prune(_need_dir(args.path), policy, dry_run=args.dry_run)
+    try:
+        result = prune(_need_dir(args.path), policy_from_args(args), dry_run=args.dry_run)
+    except CheckpointFormatError as exc:  # no flags, and no policy recorded with the run
+        raise UsageError(f"{exc.message}; say what to keep with --keep N (and --keep-every, --keep-best)") from None
     if args.json:
         render.print_json({"directory": result.directory, "dry_run": args.dry_run, "delete": result.delete,
                            "deleted": result.deleted, "kept": result.kept, "untouched": result.untouched,

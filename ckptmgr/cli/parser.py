@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from ..retention import Policy, build_policy
+from ..version import __version__
 
 __all__ = ["UsageError", "build_parser", "policy_from_args", "TOP_DEFAULT"]
 
@@ -17,12 +18,15 @@ class UsageError(Exception):
     """A bad combination or value of arguments (exit code 2)."""
 
 
-def policy_from_args(args: argparse.Namespace) -> Policy:
-    """The retention policy the flags describe.
+def policy_from_args(args: argparse.Namespace) -> Optional[Policy]:
+    """The retention policy the flags describe; None when no retention flag is given (use the run's own).
 
     Raises:
         UsageError: a flag is out of range (the message names the flag).
     """
+    if (args.keep is None and args.keep_every is None and args.best_metric is None and not args.keep_best
+            and args.best_mode == "min"):
+        return None
     try:
         return build_policy(args.keep, args.keep_every, args.best_metric, args.best_mode, args.keep_best)
     except ValueError as exc:   # name the flags, not the Python arguments behind them
@@ -33,8 +37,9 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
         raise UsageError(text) from None
 
 
-def _retention_flags(p: argparse.ArgumentParser, keep_required: bool) -> None:
-    p.add_argument("--keep", type=int, required=keep_required, metavar="N", help="keep the N newest checkpoints")
+def _retention_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep", type=int, metavar="N",
+                   help="keep the N newest checkpoints (without any retention flag: the policy recorded with the run)")
     p.add_argument("--keep-every", type=int, metavar="N", help="also keep every step divisible by N")
     p.add_argument("--best-metric", metavar="NAME", help="metric that ranks checkpoints for --keep-best")
     p.add_argument("--best-mode", choices=("min", "max"), default="min", help="lower (min) or higher (max) is better")
@@ -45,6 +50,7 @@ def build_parser(commands: Any) -> argparse.ArgumentParser:
     """The argument parser; ``commands`` provides one ``cmd_<name>`` function per subcommand."""
     parser = argparse.ArgumentParser(prog="ckptmgr", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
+    parser.add_argument("--version", action="version", version=f"ckptmgr {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print JSON for machines instead of text")
@@ -61,7 +67,7 @@ def build_parser(commands: Any) -> argparse.ArgumentParser:
     p.add_argument("path", metavar="DIR_OR_URL")
     p.add_argument("--local-dir", metavar="PATH", help="the job's local_dir on this node: also list its copies and "
                    "show where each step is (local, persistent, both)")
-    _retention_flags(p, keep_required=False)
+    _retention_flags(p)
     p = add("inspect", "show meta, keys with shapes and dtypes, and optimizer state of a checkpoint "
                        "(a .pth/.safetensors file, a manager or step directory, or any scheme)", loads=True)
     p.add_argument("path", metavar="PATH_OR_URI")
@@ -87,11 +93,12 @@ def build_parser(commands: Any) -> argparse.ArgumentParser:
     p.add_argument("dst_dir", metavar="DST_DIR")
     p.add_argument("--name", help="file name stem (default: from SRC)")
     p.add_argument("--dtype", metavar="DTYPE", help="cast floating-point tensors (bfloat16, float16, float32)")
-    p = add("prune", "delete committed checkpoints that a retention policy drops (never touches other "
-                     "files; refuses a local DIR a job is saving into; on object stores, do not run "
-                     "it while a job with a smaller --keep writes to DIR)")
+    p = add("prune", "delete committed checkpoints that a retention policy drops: the flags' policy, or without "
+                     "flags the one recorded with the run (never touches other files; refuses a local DIR a job "
+                     "is saving into; on object stores, do not run it while a job with a smaller --keep writes "
+                     "to DIR)")
     p.add_argument("path", metavar="DIR")
-    _retention_flags(p, keep_required=True)
+    _retention_flags(p)
     p.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
     p = add("download", "download a URI (http, s3, any fsspec URL, zoo name) into the cache; print the local path")
     p.add_argument("uri", metavar="URI")

@@ -16,7 +16,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from ..errors import CheckpointFormatError, ChecksumError, CorruptCheckpointError
 from ..io.store import Store
@@ -51,6 +51,10 @@ class Manifest:
             (see :mod:`ckptmgr.format.signing`), None when unsigned.
         raw: The JSON fields it was parsed from, unknown ones included (None
             for a manifest built here); a signature is checked over these.
+        retention: The retention settings of the manager that committed it
+            (``max_to_keep``, ``keep_every_n_steps``, ``best_metric``, ``best_mode``,
+            ``keep_best``), so tools and later managers apply the run's own rule;
+            None in steps written before it was recorded.
     """
 
     step: int
@@ -62,6 +66,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     signature: Optional[Dict[str, str]] = None
     raw: Optional[Dict[str, Any]] = field(default=None, repr=False, compare=False)
+    retention: Optional[Dict[str, Any]] = None
 
     def _body(self) -> Dict[str, Any]:
         body = {
@@ -70,6 +75,8 @@ class Manifest:
             "components": self.components,
             "files": {name: {"size": e.size, "sha256": e.sha256} for name, e in sorted(self.files.items())},
         }
+        if self.retention is not None:  # an optional field: older readers ignore it, older manifests lack it
+            body["retention"] = self.retention
         if self.signature is not None:  # unsigned manifests stay byte for byte what earlier versions wrote
             body["signature"] = dict(self.signature)
         return body
@@ -112,7 +119,8 @@ class Manifest:
             manifest = cls(step=int(body["step"]), files=files, components=dict(body["components"]),
                            metrics=dict(body.get("metrics") or {}), world_size=int(body.get("world_size", 1)),
                            time=str(body.get("time", "")), format_version=version,
-                           signature=_signature(body.get("signature")), raw=body)
+                           signature=_signature(body.get("signature")), raw=body,
+                           retention=body["retention"] if isinstance(body.get("retention"), dict) else None)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CorruptCheckpointError(f"{source} is malformed: {exc!r}") from exc
         for name, entry in files.items():
@@ -124,6 +132,17 @@ class Manifest:
         """The file holding ``component`` (``'model'``, ``'optimizer'``, ...), or None."""
         name = self.components.get(component)
         return name if isinstance(name, str) else None
+
+    def model_names(self) -> List[str]:
+        """The names of the step's models: ``['model']`` for one module, else the names of a dict of models."""
+        sharded = self.components.get("sharded")
+        names = sharded.get("models") if isinstance(sharded, dict) else None
+        if names:
+            return sorted(str(n) for n in names)
+        table = self.components.get("models")
+        if isinstance(table, dict) and table:
+            return sorted(str(n) for n in table)
+        return ["model"]
 
     def rng_file(self, rank: int) -> Optional[str]:
         """The RNG file written by ``rank``, or None."""
@@ -169,8 +188,8 @@ def compare(name: str, got: FileEntry, want: FileEntry, source: str) -> None:
     if got.size != want.size:
         raise ChecksumError(f"{source}: {name} is {got.size} bytes, the manifest recorded {want.size}")
     if got.sha256 != want.sha256:
-        raise ChecksumError(f"{source}: sha256 of {name} is {got.sha256[:16]}..., "
-                            f"the manifest recorded {want.sha256[:16]}...")
+        raise ChecksumError(f"{source}: {name} has sha256 {got.sha256[:16]}... where the manifest recorded "
+                            f"{want.sha256[:16]}... (its bytes changed after the save)")
 
 
 def verify_file(store: Store, name: str, want: FileEntry) -> None:

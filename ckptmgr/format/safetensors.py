@@ -23,7 +23,7 @@ from ..errors import CorruptCheckpointError, UnserializableStateError
 from .maplocation import MapLocation, map_tensor
 
 __all__ = ["SAFETENSORS_DTYPES", "MAX_HEADER_BYTES", "write_safetensors", "read_safetensors_header",
-           "read_safetensors", "tensor_bytes"]
+           "read_safetensors", "tensor_bytes", "stand_ins"]
 
 SAFETENSORS_DTYPES: Dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -134,6 +134,17 @@ def read_safetensors_header(fileobj: BinaryReader, size: Optional[int] = None) -
         raise CorruptCheckpointError("safetensors header is not a JSON object")
     _validate_entries(header, None if size is None else size - 8 - length)
     return header, 8 + length
+
+
+def stand_ins(header: Mapping[str, Any]) -> "OrderedDict[str, torch.Tensor]":
+    """Data-less stand-ins (``device='meta'``: shape and dtype only) for the tensors of a validated header.
+
+    They let a reader check what a file holds against live objects before a
+    single byte of tensor data is read.
+    """
+    return OrderedDict((name, torch.empty([int(d) for d in entry["shape"]], dtype=_DTYPE_FROM_CODE[entry["dtype"]],
+                                          device="meta"))
+                       for name, entry in header.items() if name != "__metadata__")
 
 
 def _validate_entries(header: Dict[str, Any], data_size: Optional[int]) -> None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import errno
 import pickle
+import re
 import struct
 from typing import IO, Any, Optional
 
 import torch
 
-from ..errors import CorruptCheckpointError, UnsafeCheckpointError
+from ..errors import CheckpointFormatError, CorruptCheckpointError, UnsafeCheckpointError
 from .maplocation import MapLocation
 from .pickled import check_no_stand_ins, load_skipping_pickled, session_marker, skipping_pickled
 
@@ -35,13 +36,29 @@ def load_torch(fileobj: IO[bytes], map_location: MapLocation = None, trust_pickl
         CorruptCheckpointError: the file is truncated or not a torch file.
     """
     start = fileobj.tell() if getattr(fileobj, "seekable", lambda: False)() else None
+    if start is not None:
+        head = fileobj.read(4)
+        fileobj.seek(start)
+        if head and not _looks_like_torch(head):
+            raise CorruptCheckpointError(
+                f"{source} is not a checkpoint: it is neither a torch file (zip or pickle) nor safetensors "
+                f"(it starts with {head!r})",
+                "pass a .pth/.pt/.safetensors checkpoint or a manager directory; if this file was one, it is damaged")
     try:
         if trust_pickle:  # explicit opt-in by the caller: the only full unpickling in ckptmgr
-            return torch.load(fileobj, map_location=map_location, weights_only=False)  # trust_pickle=True
+            try:
+                return torch.load(fileobj, map_location=map_location, weights_only=False)  # trust_pickle=True
+            except (AttributeError, ImportError) as exc:
+                missing = _missing_code(exc, source)
+                if missing is None:
+                    raise
+                raise missing from exc
         marker = session_marker()
         result = torch.load(fileobj, map_location=map_location, weights_only=True)
         check_no_stand_ins(result, marker, source)
         return result
+    except CheckpointFormatError:
+        raise
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "GLOBAL" in text or "global" in text or _plain_pickle_needing_code(fileobj, start):
@@ -57,6 +74,31 @@ def load_torch(fileobj: IO[bytes], map_location: MapLocation = None, trust_pickl
             raise
         raise CorruptCheckpointError(
             f"{source} could not be read as a torch checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from exc
+
+
+def _looks_like_torch(head: bytes) -> bool:
+    """A zip archive (torch >= 1.6), a pickle with a protocol header (the legacy format), or a bare pickle."""
+    return head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
+_MISSING_ATTR = re.compile(r"Can't get attribute '([^']+)' on <module '([^']+)'")
+
+
+def _missing_code(exc: BaseException, source: str) -> Optional[CheckpointFormatError]:
+    """A trusted pickle that names a class or module this process cannot import: say so (it is not damaged)."""
+    match = _MISSING_ATTR.search(str(exc))
+    if match:
+        name, module = match.groups()
+        module = "__main__" if module.endswith("__main__") else module  # `python -m pkg` names its __main__ so
+        where = "the script that saved it (its __main__)" if module == "__main__" else f"module {module}"
+        return CheckpointFormatError(
+            f"{source} holds a pickled {name}, a class defined in {where}, which is not importable here",
+            f"import or define {name} {'in your __main__ ' if module == '__main__' else ''}before loading; better, "
+            "save model.state_dict() instead of the whole model")
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        return CheckpointFormatError(f"{source} holds pickled objects from module {exc.name}, which is not "
+                                     "installed here", f"install {exc.name} (or put it on PYTHONPATH) to load it")
+    return None
 
 
 _CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"}

@@ -121,6 +121,11 @@ def _user_error(url: str, exc: Exception) -> Exception:
         return DownloadError(f"TLS certificate of {url} could not be verified ({reason})",
                              "install the server's CA certificate (SSL_CERT_FILE) or use a mirror with "
                              "CKPTMGR_URL_MIRRORS; verification cannot be turned off")
+    if isinstance(reason, ssl.SSLError) and not isinstance(reason, ssl.SSLCertVerificationError):
+        hint = ("the server at that port does not speak TLS: if it is a plain HTTP server, use an http:// URL"
+                if url.startswith("https://") and "WRONG_VERSION_NUMBER" in str(reason).upper()
+                else "check that the host and port serve HTTPS, and the TLS versions both sides allow")
+        return DownloadError(f"TLS handshake with {url} failed ({reason})", hint)
     if isinstance(reason, socket.gaierror):
         return DownloadError(f"cannot resolve the host of {url} ({reason})",
                              "check the host name and your DNS/network, or set CKPTMGR_URL_MIRRORS")
@@ -141,6 +146,8 @@ def _is_transient(exc: BaseException) -> bool:
         return exc.errno == socket.EAI_AGAIN  # "temporary failure in name resolution" is worth a retry
     if isinstance(exc, (ssl.SSLCertVerificationError, ConnectionRefusedError)):
         return False
+    if isinstance(exc, ssl.SSLError) and not isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        return False  # a TLS protocol failure (an http:// port, no common version) is the same on every try
     return isinstance(exc, (TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException,
                             ssl.SSLError, OSError))
 

@@ -50,8 +50,12 @@ def _current_umask() -> int:
 
 def storage_error(uri: str, exc: OSError) -> StorageError:
     """A typed error, with the fix, for an OS error while writing ``uri``."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageError(f"writing {uri} failed: out of space ({exc})", "free space or pick another destination")
+    if exc.errno == errno.EFBIG:
+        return StorageError(f"writing {uri} failed: the file is larger than this filesystem or the process's "
+                            f"file-size limit allows ({exc})",
+                            "raise the limit (`ulimit -f`, RLIMIT_FSIZE) or write to a filesystem without it")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return StorageError(f"writing {uri} failed: permission denied ({exc})",
                             "check write permissions and credentials for the destination")

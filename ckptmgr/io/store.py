@@ -100,6 +100,16 @@ class Store(abc.ABC):
         with self.open_read(name) as fh:
             return fh.read()
 
+    def read_range(self, name: str, start: int, length: int) -> bytes:
+        """Up to ``length`` bytes of a file from offset ``start`` (fewer at its end), without reading the rest.
+
+        Raises:
+            CheckpointNotFoundError: nothing exists there.
+        """
+        with self.open_read(name) as fh:
+            fh.seek(start)
+            return fh.read(length)
+
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write a (small) file atomically."""
         with self.atomic_write(name) as fh:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from ..errors import CorruptCheckpointError
 from ..format.maplocation import MapLocation
 from ..hub.cache import cached_path
 from .local import load_file
@@ -28,6 +29,11 @@ def load_from_http(filename: str, map_location: MapLocation = None, trust_pickle
 
     Raises:
         CheckpointNotFoundError, DownloadError, ChecksumError: see :func:`ckptmgr.cached_path`.
+        CorruptCheckpointError: the downloaded file cannot be read (the hint says how to fetch it again).
     """
     path = cached_path(filename, check_hash=check_hash, timeout=timeout, progress=progress)
-    return load_file(path, map_location=map_location, trust_pickle=trust_pickle)
+    try:
+        return load_file(path, map_location=map_location, trust_pickle=trust_pickle)
+    except CorruptCheckpointError as exc:  # here, and only here, downloading again is the fix
+        raise type(exc)(exc.message, f"delete the cached copy {path} and load the URL again to download it "
+                                     "afresh; if it fails the same way, the server's file is damaged") from exc

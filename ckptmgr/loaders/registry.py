@@ -72,6 +72,15 @@ def resolve(target: Union[str, Loader], table: Optional[Dict[Any, Union[str, Loa
     return loader
 
 
+def _follow(target: Union[str, Loader], table: Dict[Any, Union[str, Loader]]) -> Union[str, Loader]:
+    """A table entry with ``"=PREFIX"`` aliases followed to the entry they name (nothing is imported)."""
+    seen = 0
+    while isinstance(target, str) and target.startswith("=") and seen < len(table) + 1:
+        target = table.get(target[1:], _FSSPEC)
+        seen += 1
+    return target
+
+
 #: Hints for schemes OpenMMLab knows and ckptmgr deliberately does not.
 _UNSUPPORTED_HINTS = {
     "pavi": "pavi:// (OpenMMLab's internal model cloud) is not supported; download the file and load it "
@@ -195,6 +204,11 @@ class CheckpointLoader:
             UnknownSchemeError: ``filename`` has a ``scheme://`` that nothing handles
                 (also a ``FileNotFoundError``, what OpenMMLab raises for it).
         """
+        return resolve(cls._target(filename))
+
+    @classmethod
+    def _target(cls, filename: Any) -> Union[str, Loader]:
+        """The table entry for ``filename``: a loader, or the dotted name of a built-in one (not imported)."""
         cls._ensure_builtins()
         filename = os.fspath(filename) if isinstance(filename, os.PathLike) else str(filename)
         protocol, rest = split_protocol(filename)
@@ -203,11 +217,11 @@ class CheckpointLoader:
             table = dict(cls._schemes)
         for prefix in sorted((p for p in table if p != ""), key=priority, reverse=True):
             if matches(prefix, filename, normalized):
-                return resolve(table[prefix], table)
+                return _follow(table[prefix], table)
         if protocol is None or protocol == "file":
-            return resolve(table.get("", _LOCAL))
+            return _follow(table.get("", _LOCAL), table)
         if fsspec_knows(protocol):
-            return resolve(_FSSPEC)
+            return _FSSPEC
         known = ", ".join(sorted(text_of(p) for p in table if p != "")) or "(none)"
         raise UnknownSchemeError(
             f"no checkpoint loader for '{protocol}://' in {filename!r} (it is not a local path either); "
@@ -215,6 +229,20 @@ class CheckpointLoader:
 
     #: OpenMMLab's name for :meth:`get_loader`, kept for code written against it.
     _get_checkpoint_loader = get_loader
+
+    @classmethod
+    def reads_storage(cls, filename: Any) -> bool:
+        """True when ``filename`` goes to the built-in local or fsspec loader (a path on a filesystem).
+
+        Nothing is imported to answer, so tools that only list storage stay light.
+
+        Raises:
+            UnknownSchemeError: ``filename`` has a ``scheme://`` that nothing handles.
+        """
+        target = cls._target(filename)
+        if callable(target):
+            target = f"{getattr(target, '__module__', '')}:{getattr(target, '__name__', '')}"
+        return target in (_LOCAL, _FSSPEC)
 
     @classmethod
     def load_checkpoint(cls, filename: str, map_location: Any = None, logger: Any = None, **kwargs: Any) -> Any:

@@ -100,11 +100,13 @@ class _RemoteReader(_VerifiedMetadata, FsspecReader):
 def writer(store: Store) -> Any:
     """A DCP StorageWriter into the directory ``store``; it never overwrites metadata.
 
-    Local files are fsynced by DCP; on object stores each file is one upload.
+    Local files are fsynced by DCP; on object stores each file is one upload,
+    complete or absent, and there is nothing to fsync (asking would only make
+    torch warn "fsync not supported" for every file).
     """
     if store.is_local:
         return _LocalWriter(store.root, sync_files=True, overwrite=False)
-    out = _RemoteWriter(store.root, overwrite=False)
+    out = _RemoteWriter(store.root, sync_files=False, overwrite=False)
     out.fs.fs = store.fs  # type: ignore[attr-defined]  # ckptmgr's options (endpoint, credentials)
     return out
 

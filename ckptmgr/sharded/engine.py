@@ -134,7 +134,6 @@ def save_shards(store: Store, state: ShardedState, rank: int, group: Any = None)
     try:
         with warnings.catch_warnings():  # one process without torch.distributed: DCP warns, we mean it
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            warnings.filterwarnings("ignore", message=".*fsync.*")  # fsspec files cannot fsync; uploads are whole
             dcp.save(state.dcp, storage_writer=out, process_group=group)
     except BaseException as exc:  # CheckpointException is a BaseException; agreement catches Exception only
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, Tuple
 
 from ..errors import CheckpointFormatError, PrefixNotFoundError
 
-__all__ = ["revise_keys", "select_prefix", "top_level_prefixes"]
+__all__ = ["revise_keys", "select_prefix", "top_level_prefixes", "strip_compile_prefix"]
 
 Rule = Tuple[str, str]
 
@@ -59,6 +59,22 @@ def revise_keys(state_dict: Mapping[str, Any], rules: Iterable[Rule]) -> "Ordere
     out: "OrderedDict[str, Any]" = OrderedDict((rename(k), v) for k, v in state_dict.items())
     _copy_metadata(state_dict, out, rename_prefix)
     return out
+
+
+_COMPILED = re.compile(r"(^|\.)_orig_mod\.")
+
+
+def strip_compile_prefix(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Drop the ``_orig_mod.`` that ``torch.compile``'s wrapper adds, wherever it is in a key.
+
+    ``compiled.state_dict()`` keys read ``_orig_mod.fc.weight`` (``_orig_mod.module.``
+    when a DDP model was compiled, ``module._orig_mod.`` the other way round). No
+    real submodule is called ``_orig_mod``, so removing it is always safe; a state
+    dict without it is returned as it is.
+    """
+    if not any(isinstance(k, str) and "_orig_mod." in k for k in state_dict):
+        return state_dict
+    return revise_keys(state_dict, [(_COMPILED.pattern, r"\1")])
 
 
 def top_level_prefixes(keys: Iterable[str]) -> Sequence[str]:

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "register_module_wrapper", "is_module_wrapper", "unwrap_model",
-    "get_state_dict", "load_state_dict", "weights_to_cpu", "LoadReport",
+    "get_state_dict", "load_state_dict", "check_state_dict", "weights_to_cpu", "LoadReport",
 ]
 
 # wrapper class -> name of the attribute holding the wrapped module
@@ -235,12 +235,21 @@ class LoadReport:
         unexpected_keys: Keys the state dict has and the model lacks.
         mismatched: ``(key, checkpoint_shape, model_shape)`` for skipped tensors.
         errors: Other messages raised by modules' ``_load_from_state_dict``.
+        loaded: Entries of the state dict that were loaded.
+        expected: Entries the model has (what a complete load fills).
     """
 
     missing_keys: List[str] = field(default_factory=list)
     unexpected_keys: List[str] = field(default_factory=list)
     mismatched: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=list)
     errors: List[str] = field(default_factory=list)
+    loaded: int = 0
+    expected: int = 0
+
+    def counts(self) -> str:
+        """``'loaded 3 of the model's 10 entries (7 missing, 2 unexpected, 0 with another shape)'``."""
+        return (f"loaded {self.loaded} of the model's {self.expected} entries ({len(self.missing_keys)} missing, "
+                f"{len(self.unexpected_keys)} unexpected, {len(self.mismatched)} with another shape)")
 
     @property
     def ok(self) -> bool:
@@ -271,6 +280,43 @@ def _log(logger_arg: LoggerLike, message: str) -> None:
         return
     target = logger_arg if isinstance(logger_arg, logging.Logger) else logger
     target.warning(message)
+
+
+def _shape_differs(value: Any, current: Any) -> bool:
+    return (isinstance(value, torch.Tensor) and isinstance(current, torch.Tensor)
+            and not isinstance(current, (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer))
+            and value.shape != current.shape)
+
+
+def check_state_dict(module: nn.Module, state_dict: Mapping[str, Any]) -> LoadReport:
+    """What :func:`load_state_dict` would report, from keys and shapes alone: nothing is loaded.
+
+    The values may be data-less stand-ins (``device='meta'``), so a restore can
+    check a file's header against the model before reading any weights.
+
+    Args:
+        module: Target module; wrappers anywhere in it are handled.
+        state_dict: Clean keys (or ``module.``-prefixed keys of a wrapped model).
+
+    Returns:
+        A :class:`LoadReport` (``errors`` stays empty: custom load code does not run).
+    """
+    inner = unwrap_model(module)
+    pairs = _wrapper_prefixes(inner)
+    own = inner.state_dict(keep_vars=True)
+    to_wrapped = {_clean_key(k, pairs): k for k in own}
+    report, seen = LoadReport(), set()
+    for key, value in state_dict.items():
+        target = to_wrapped.get(key, key)
+        if target not in own:
+            report.unexpected_keys.append(key)
+            continue
+        seen.add(target)
+        if _shape_differs(value, own[target]):
+            report.mismatched.append((key, tuple(value.shape), tuple(own[target].shape)))
+    report.missing_keys = [c for c in (_clean_key(k, pairs) for k in own if k not in seen)
+                           if not c.endswith("num_batches_tracked")]
+    return report
 
 
 def load_state_dict(module: nn.Module, state_dict: Mapping[str, Any], strict: bool = False,
@@ -305,10 +351,7 @@ def load_state_dict(module: nn.Module, state_dict: Mapping[str, Any], strict: bo
     for key, value in state_dict.items():
         target = to_wrapped.get(key, key)
         current = own.get(target)
-        if (isinstance(value, torch.Tensor) and isinstance(current, torch.Tensor)
-                and not isinstance(current, nn.parameter.UninitializedParameter)
-                and not isinstance(current, nn.parameter.UninitializedBuffer)
-                and value.shape != current.shape):
+        if _shape_differs(value, current):
             report.mismatched.append((key, tuple(value.shape), tuple(current.shape)))
             continue
         renamed[target] = value
@@ -326,10 +369,13 @@ def load_state_dict(module: nn.Module, state_dict: Mapping[str, Any], strict: bo
     report.missing_keys = [c for c in (_clean_key(k, pairs) for k in missing)
                            if c not in skipped and not c.endswith("num_batches_tracked")]
     report.unexpected_keys = [_clean_key(k, pairs) for k in unexpected]
+    report.loaded, report.expected = len(renamed) - len(unexpected), len(own)
     if report.ok:
         return report
     if strict:
         raise KeyMismatchError("state_dict does not match the model:\n" + report.summary())
     if dist.is_rank_zero():
-        _log(logger, "The model and loaded state dict do not match exactly\n" + report.summary())
+        most = "MOST OF THE MODEL WAS NOT LOADED: " if report.loaded * 2 < report.expected else ""
+        _log(logger, f"The model and loaded state dict do not match exactly: {most}{report.counts()}\n"
+             + report.summary())
     return report

@@ -20,15 +20,16 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from ..errors import CheckpointFormatError, UnserializableStateError
+from ..errors import UnserializableStateError
 from ..format.skeleton import to_skeleton
 from ..version import __version__
+from .fit import check_saved, class_name
 from .modules import get_state_dict, load_state_dict
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "as_named", "stateful", "named_state", "apply_named", "model_state", "apply_model",
+    "as_named", "stateful", "named_state", "check_named", "apply_named", "model_state", "apply_model",
     "extra_state", "apply_extra", "plain", "rng_state", "apply_rng", "clean_metrics", "build_meta", "check_index",
 ]
 
@@ -57,7 +58,10 @@ def as_named(arg: Any, what: str) -> Optional[Tuple[bool, Dict[str, Any]]]:
 
 
 def named_state(arg: Any, what: str, prune: bool = False) -> Optional[Dict[str, Any]]:
-    """State of one object or a dict of them, as ``{'single': bool, 'states': {name: state_dict}}``.
+    """State of one object or a dict of them, as ``{'single': bool, 'states': {name: state_dict}, 'classes': ...}``.
+
+    ``classes`` maps each name to the object's class name, so a restore can
+    refuse another class before it changes anything (:mod:`ckptmgr.state.fit`).
 
     Args:
         arg: An optimizer/scheduler/scaler, or a dict name -> object.
@@ -73,7 +77,7 @@ def named_state(arg: Any, what: str, prune: bool = False) -> Optional[Dict[str, 
     for name, obj in objs.items():
         state = obj.state_dict()
         states[name] = _prune(state, f"{what}[{name}]") if prune else state
-    return {"single": single, "states": states}
+    return {"single": single, "states": states, "classes": {name: class_name(obj) for name, obj in objs.items()}}
 
 
 def _storable(value: Any) -> bool:
@@ -111,34 +115,38 @@ def _load(obj: Any, state: Any) -> None:
     obj.load_state_dict(state)
 
 
-def apply_named(arg: Any, saved: Optional[Mapping[str, Any]], what: str, strict: bool,
-                load: Callable[[Any, Any], None] = _load) -> None:
-    """Load saved states into one object or a dict of them, per name (``load(obj, state)`` does each).
+def check_named(arg: Any, saved: Optional[Mapping[str, Any]], what: str, strict: bool) -> bool:
+    """Check, without changing anything, that saved states fit one object or a dict of them.
+
+    Returns:
+        True when there is something to load (``arg`` given and state saved).
 
     Raises:
-        CheckpointFormatError: nothing was saved for ``what`` (with ``strict``), a
-            requested name is missing, or single/dict shapes differ.
+        CheckpointFormatError: see :func:`ckptmgr.state.fit.check_saved`.
     """
     named = as_named(arg, what)
     if named is None:
+        return False
+    return check_saved(named[0], named[1], saved, what, strict)
+
+
+def apply_named(arg: Any, saved: Optional[Mapping[str, Any]], what: str, strict: bool,
+                load: Callable[[Any, Any], None] = _load) -> None:
+    """Load saved states into one object or a dict of them, per name (after :func:`check_named`).
+
+    ``load(obj, state)`` loads each (a ZeRO optimizer needs a copy).
+
+    Raises:
+        CheckpointFormatError: nothing was saved for ``what`` (with ``strict``), a
+            requested name is missing, single/dict shapes differ, or the state is
+            of another class.
+    """
+    if not check_named(arg, saved, what, strict):
+        if arg is not None and saved is None:
+            logger.warning("the checkpoint holds no %s state; %s left as it is", what, what)
         return
-    if saved is None:
-        if strict:
-            raise CheckpointFormatError(f"the checkpoint holds no {what} state",
-                                        f"pass {what}=None, or strict=False to skip it")
-        logger.warning("the checkpoint holds no %s state; %s left as it is", what, what)
-        return
-    single, objs = named
-    states = saved.get("states") or {}
-    if bool(saved.get("single")) != single:
-        have = "one object" if saved.get("single") else f"a dict with keys {sorted(states)}"
-        raise CheckpointFormatError(f"{what} was saved as {have} but restored into "
-                                    f"{'one object' if single else 'a dict'}",
-                                    f"pass {what} the same way it was passed to save()")
-    missing = [name for name in objs if name not in states]
-    if missing:
-        raise CheckpointFormatError(f"the checkpoint has no {what} state for {missing}; it has {sorted(states)}",
-                                    f"use the names passed to save() for {what}")
+    _, objs = as_named(arg, what)  # type: ignore[misc]
+    states = saved["states"]  # type: ignore[index]
     for name, obj in objs.items():
         load(obj, states[name])
 
@@ -267,7 +275,8 @@ def clean_metrics(metrics: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     """Metrics as strict JSON: tensors and numpy scalars become numbers, NaN/inf become None.
 
     Raises:
-        TypeError: not a dict with str keys, or a value is not a scalar.
+        TypeError: not a dict with str keys.
+        UnserializableStateError: a value is not a scalar (the message names the metric).
     """
     if metrics is None:
         return {}
@@ -275,15 +284,19 @@ def clean_metrics(metrics: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
         raise TypeError(f"metrics must be a dict with str keys, got {type(metrics).__name__}")
     out: Dict[str, Any] = {}
     for key, value in metrics.items():
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        elif hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):
+        size = getattr(value, "size", None) if not isinstance(value, torch.Tensor) else value.numel()
+        if hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):
+            if isinstance(size, int) and size != 1:
+                raise UnserializableStateError(f"metric {key!r} must be one number, got a "
+                                               f"{type(value).__name__} of {size} elements",
+                                               "pass a scalar, e.g. value.mean().item()")
             value = value.item()
         if isinstance(value, float) and not math.isfinite(value):
             logger.warning("metric %s is %r; stored as null (it never counts as best)", key, value)
             value = None
         if value is not None and not isinstance(value, (bool, int, float, str)):
-            raise TypeError(f"metric {key!r} must be a number or string, got {type(value).__name__}")
+            raise UnserializableStateError(f"metric {key!r} must be a number or string, got {type(value).__name__}",
+                                           "pass a number (e.g. loss.item()) or a string")
         out[key] = value
     return out
 

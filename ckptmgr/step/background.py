@@ -4,18 +4,101 @@ An async save's write-and-commit, and the freeing of space of deleted steps,
 run on a ``concurrent.futures`` executor with one worker: at most one job is
 in flight, :meth:`Background.submit` waits for the previous one first
 (back-pressure), and a job's exception is raised by the next ``submit``,
-``wait`` or ``close``. The executor's worker is joined at interpreter exit,
-so a job that is running when the program ends still finishes.
+``wait`` or ``close``.
+
+A job that is running when the program stops always finishes, whichever way
+the program stops:
+
+* Ctrl-C while the main thread waits for it (``wait``, a back-pressured
+  ``save``, ``close``): :func:`finish_before_interrupt` defers the
+  KeyboardInterrupt, logs "finishing checkpoint step N before exit", and
+  raises it once the job is done.
+* The main thread returns (or raises) with the job still running: at
+  interpreter shutdown the executor module stops accepting work *before* it
+  joins its workers, so a job that still had files to hand to a thread pool
+  would fail half-way. A hook registered with :mod:`threading`'s shutdown
+  sequence (it runs before the executor's own) waits for every running job
+  first, and logs the same line.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Background"]
+__all__ = ["Background", "finish_before_interrupt"]
+
+
+@contextlib.contextmanager
+def finish_before_interrupt(what: str) -> Iterator[None]:
+    """Let the block run to its end even if Ctrl-C arrives; then raise the KeyboardInterrupt.
+
+    Only the main thread receives KeyboardInterrupt, and only while Python's
+    default SIGINT handler is installed; otherwise (another thread, a handler
+    of the application's own, or a block nested in another such block) the
+    block runs unchanged. Each Ctrl-C is logged; a process that must stop at
+    once can still be killed (the next save removes what a killed save left).
+
+    Args:
+        what: What is being finished, for the log line (``"checkpoint step 7"``).
+
+    Raises:
+        KeyboardInterrupt: after the block ended normally, when Ctrl-C arrived during it.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    received: List[int] = []
+
+    def deferred(signum: int, frame: Any) -> None:
+        if received:
+            logger.warning("still finishing %s; kill the process to abandon it (the next save cleans up)", what)
+        else:
+            logger.warning("Ctrl-C: finishing %s before exit", what)
+        received.append(signum)
+
+    signal.signal(signal.SIGINT, deferred)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+
+
+# Every Background with a job possibly in flight; the shutdown hook waits for them.
+_LIVE: "weakref.WeakSet[Background]" = weakref.WeakSet()
+_HOOKED = False
+_HOOK_LOCK = threading.Lock()
+
+
+def _finish_at_exit() -> None:
+    for background in list(_LIVE):
+        if background.busy:
+            logger.warning("finishing %s before exit", background.what)
+            try:
+                background.wait()
+            except BaseException as exc:  # reported; the process is ending anyway
+                logger.error("%s did not finish: %s", background.what, exc)
+
+
+def _hook_shutdown() -> None:
+    """Run :func:`_finish_at_exit` in threading's shutdown, before the executor module refuses new work."""
+    global _HOOKED
+    with _HOOK_LOCK:
+        if _HOOKED:
+            return
+        register = getattr(threading, "_register_atexit", None)  # Python >= 3.9; the hooks run last-in first-out
+        if register is not None:
+            register(_finish_at_exit)
+        _HOOKED = True
 
 
 class Background:
@@ -29,7 +112,7 @@ class Background:
         self.name = name
         self._pool: Optional[ThreadPoolExecutor] = None
         self._future: Optional["Future[Any]"] = None
-        #: What the running job is, for messages (``"saving step 7"``).
+        #: What the running job is, for messages (``"checkpoint step 7"``).
         self.what = ""
 
     @property
@@ -46,7 +129,9 @@ class Background:
         self.wait()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
-        self.what = what
+            _hook_shutdown()  # after the executor module registered its own hook, so ours runs first
+            _LIVE.add(self)
+        self.what = what or "background checkpoint work"
         self._future = self._pool.submit(self._run, job)
 
     @staticmethod
@@ -58,16 +143,21 @@ class Background:
             raise
 
     def wait(self) -> None:
-        """Block until the running job is done; re-raise its error if it failed."""
+        """Block until the running job is done; re-raise its error if it failed.
+
+        Ctrl-C while waiting lets the job finish first (see :func:`finish_before_interrupt`).
+        """
         future, self._future = self._future, None
         if future is None:
             return
         try:
-            future.result()
-        except BaseException:
-            raise
+            if future.done():
+                future.result()
+                return
+            with finish_before_interrupt(self.what):
+                future.result()
         finally:
-            if not future.done():  # interrupted while waiting (Ctrl-C): keep it, the job still runs
+            if not future.done():  # interrupted by a handler of the application's own: the job still runs
                 self._future = future
 
     def close(self) -> None:
@@ -82,3 +172,4 @@ class Background:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
+            _LIVE.discard(self)

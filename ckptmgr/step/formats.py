@@ -198,8 +198,8 @@ class StepFormat:
         return targets
 
     def apply(self, loaded: LoadedStep, store: Store, objs: TrainingObjects, strict: bool,
-              group: Any = None) -> Applied:
-        """Put what :meth:`read` returned into the live objects, RNG last; returns the restored values.
+              group: Any = None, rng: bool = True) -> Applied:
+        """Put what :meth:`read` returned into the live objects, RNG last (``rng``); returns the restored values.
 
         Raises:
             KeyMismatchError: ``strict`` and the model does not match.
@@ -218,6 +218,8 @@ class StepFormat:
         values = Applied(extra={} if skip.drops("extra") else objects.apply_extra(objs.extra, loaded.get("extra")),
                          rank_state={} if skip.drops("rank_state") else rankstate.apply(
                              objs.rank_state, loaded.rank_state, loaded.rank_state_skipped, loaded.manifest, strict))
+        if not rng:
+            return values
         if loaded.rng is not None:
             if not skip.drops("rng"):
                 objects.apply_rng(loaded.rng)
@@ -319,14 +321,14 @@ class ShardedFormat(StepFormat):
         return {}  # DCP loads into the live (sharded) tensors itself
 
     def apply(self, loaded: LoadedStep, store: Store, objs: TrainingObjects, strict: bool,
-              group: Any = None) -> Applied:
+              group: Any = None, rng: bool = True) -> Applied:
         from ..sharded.engine import load_into
         if objs.exclude.patterns or objs.exclude.drops("model"):
             raise CheckpointFormatError(f"{store.root} is a sharded step: exclude takes only component names "
                                         "other than 'model' there", "restore it whole, or exclude components")
         optimizer = None if objs.exclude.drops("optimizer") else objs.optimizer
         load_into(store, loaded.manifest, objs.model, optimizer, strict, group)  # every rank: a collective
-        return super().apply(loaded, store, objs, strict, group)
+        return super().apply(loaded, store, objs, strict, group, rng)
 
     def load_weights(self, store: Store, manifest: Manifest, map_location: MapLocation,
                      model_name: Optional[str] = None) -> Any:

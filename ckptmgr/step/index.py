@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Set, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Union
 
 from ..errors import CorruptCheckpointError
 from ..format.manifest import MANIFEST_NAME, Manifest
@@ -29,11 +29,15 @@ Outcome = Union[Manifest, BaseException]
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """What retention may look at: the step and the metrics recorded in its manifest (and its commit time)."""
+    """What retention may look at: the step, the metrics and the retention settings recorded in its manifest.
+
+    ``time`` is the manifest's commit time (a tiered save tells copies apart by it).
+    """
 
     step: int
     metrics: Mapping[str, Any] = field(default_factory=dict)
     time: str = ""
+    retention: Optional[Mapping[str, Any]] = None
 
 
 def read_manifests(store: Store, steps: Iterable[int]) -> Dict[int, Outcome]:
@@ -103,12 +107,20 @@ class StepIndex:
                 self._warned.add(step)
                 logger.warning("ignoring checkpoint step %d: %s", step, outcome)
         else:
-            self._known[step] = CheckpointInfo(step, outcome.metrics, outcome.time)
+            self._known[step] = CheckpointInfo(step, outcome.metrics, outcome.time, outcome.retention)
 
-    def add(self, step: int, metrics: Mapping[str, Any], time: str = "") -> None:
-        """Record a step this process just committed (``time``: its manifest's)."""
-        self._known[step] = CheckpointInfo(step, dict(metrics), time)
+    def add(self, step: int, metrics: Mapping[str, Any], time: str = "",
+            retention: Optional[Mapping[str, Any]] = None) -> None:
+        """Record a step this process just committed (``time`` and ``retention``: its manifest's)."""
+        self._known[step] = CheckpointInfo(step, dict(metrics), time, retention)
         self._warned.discard(step)
+
+    def recorded_retention(self) -> Optional[Mapping[str, Any]]:
+        """The retention settings recorded by the newest known step that has them (None: none recorded)."""
+        for info in sorted(self._known.values(), key=lambda i: i.step, reverse=True):
+            if info.retention is not None:
+                return info.retention
+        return None
 
     def discard(self, step: int) -> None:
         """Forget a step this process deleted."""

@@ -13,23 +13,29 @@ import logging
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
 
 from ..distributed import agree, get_rank, get_world_size
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError, SignatureError, UnsafeCheckpointError
+from ..errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    SignatureError,
+    UnsafeCheckpointError,
+)
 from ..format.manifest import Manifest, check_sizes
 from ..format.maplocation import MapLocation
 from ..format.signing import SigningKey
 from ..io.store import Store
 from ..state.objects import plain
-from . import models, rankstate
+from . import rankstate
 from .files import MANIFEST_NAME, read_component, read_manifest
 from .formats import Formats, StepFormat, format_of
 from .index import StepIndex
 from .names import step_name
+from .preflight import check_fits
 from .records import LoadedStep, TrainingObjects
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["open_step", "read_step", "newest_good", "agree_on_step", "load_weights", "load_latest_weights",
-           "model_names"]
+__all__ = ["open_step", "read_step", "newest_good", "agree_on_step", "load_weights", "load_latest_weights"]
 
 T = TypeVar("T")
 
@@ -67,34 +73,53 @@ def check_signature(manifest: Manifest, signing_key: Optional[SigningKey], sourc
 def read_step(store: Store, step: int, rank: int, formats: Formats, objs: Optional[TrainingObjects] = None, *,
               verify: bool = True, map_location: MapLocation = None, in_place: bool = False,
               check_all: bool = False, on_world_size_change: str = "error",
-              signing_key: Optional[SigningKey] = None) -> Tuple[StepFormat, LoadedStep]:
+              signing_key: Optional[SigningKey] = None, strict: Optional[bool] = None) -> Tuple[StepFormat, LoadedStep]:
     """Read (and check) everything ``rank`` needs from a committed step; nothing is applied.
 
-    Sizes of every file are compared with one listing first; each file read is
-    then hashed in the same pass (``verify``). With ``check_all`` the other
-    ranks' files are verified too, so one reader can vouch for the step. With
-    ``in_place`` tensors are read straight into ``objs``' live CPU tensors,
-    which then hold the step's bytes even if a later check fails. A step
-    holding rank state of another world size is refused before anything is
-    read, unless ``on_world_size_change`` is ``'skip'`` (see :mod:`.rankstate`).
+    Sizes of every file are compared with one listing first; with ``strict``
+    given, the step is then checked against ``objs`` from the files' headers
+    (:func:`ckptmgr.step.preflight.check_fits`) before any tensor is read. Each
+    file read is hashed in the same pass (``verify``). With ``check_all`` the
+    other ranks' files are verified too, so one reader can vouch for the step.
+    With ``in_place`` tensors are read straight into ``objs``' live CPU
+    tensors, which then hold the step's bytes even if a later check fails (the
+    error says so). A step holding rank state of another world size is refused
+    before anything is read, unless ``on_world_size_change`` is ``'skip'``
+    (see :mod:`.rankstate`).
 
     Raises:
         CheckpointNotFoundError: the step has no manifest.
         ChecksumError, CorruptCheckpointError: something differs from the manifest.
         WorldSizeChangedError: the step holds rank state of another world size (``'error'``).
         SignatureError: ``signing_key`` is given and the manifest is not signed with it.
+        KeyMismatchError, CheckpointFormatError: the step does not fit ``objs`` (nothing was touched).
     """
     step_store, manifest = open_step(store, step, signing_key)
     check_sizes(manifest, step_store.list_files(), step_store.root)
     usable = rankstate.usable(manifest, get_world_size(), on_world_size_change)
     fmt = formats.for_manifest(manifest)
+    if objs is not None and strict is not None:
+        check_fits(step_store, manifest, objs, strict, model=fmt.reads_model, optimizer=not fmt.owns_optimizer)
     into = fmt.inplace_targets(objs) if (in_place and objs is not None) else None
-    loaded = fmt.read(step_store, manifest, rank, verify, map_location, into, check_all)
+    try:
+        loaded = fmt.read(step_store, manifest, rank, verify, map_location, into, check_all)
+    except CheckpointError as exc:
+        if not into:
+            raise
+        raise _partly_overwritten(exc, into) from exc
     loaded.rank_state_skipped = not usable
     if usable or check_all:
         own = rankstate.read(step_store, manifest, rank, verify, map_location, check_all)
         loaded.rank_state = own if usable else None
     return fmt, loaded
+
+
+def _partly_overwritten(exc: CheckpointError, into: Dict[str, Any]) -> CheckpointError:
+    """The same error, saying that an in-place read may have changed the live tensors already."""
+    what = " and ".join(f"the {name}'s" for name in ("model", "optimizer") if into.get(name))
+    note = (f"; {what} tensors are partly overwritten by this step (restore(in_place=True) reads into them): "
+            "restore another step or rebuild them before training on")
+    return type(exc)(exc.message + note, exc.hint)
 
 
 def newest_good(candidates: Iterable[int], read: Callable[[int], T], where: str) -> Optional[Tuple[int, T]]:
@@ -126,14 +151,15 @@ def newest_good(candidates: Iterable[int], read: Callable[[int], T], where: str)
 
 def agree_on_step(store: Store, formats: Formats, objs: TrainingObjects, step: Optional[int],
                   candidates: Callable[[], List[int]], *, verify: bool, map_location: MapLocation,
-                  in_place: bool, on_world_size_change: str = "error", signing_key: Optional[SigningKey] = None
-                  ) -> Optional[Tuple[int, StepFormat, LoadedStep]]:
+                  in_place: bool, on_world_size_change: str = "error", signing_key: Optional[SigningKey] = None,
+                  strict: bool = True) -> Optional[Tuple[int, StepFormat, LoadedStep]]:
     """Every rank's part of the step to restore (a collective): rank 0 chooses and vouches, then every rank reads.
 
     Rank 0 reads ``step`` (or the newest good one of ``candidates()``) and
     verifies every file of it, other ranks' included; every other rank then
-    reads its own part. Nothing is applied. With ``signing_key`` every rank
-    checks the manifest's signature before reading anything else.
+    reads its own part. Nothing is applied; every rank checks that the step
+    fits ``objs`` before it reads (:func:`read_step` with ``strict``). With
+    ``signing_key`` every rank checks the manifest's signature before reading anything else.
 
     Returns:
         ``(step, its format, what this rank read)``, or None when nothing is committed.
@@ -148,7 +174,7 @@ def agree_on_step(store: Store, formats: Formats, objs: TrainingObjects, step: O
     def read(candidate: int, everything: bool) -> Tuple[StepFormat, LoadedStep]:
         return read_step(store, candidate, rank, formats, objs, verify=verify, map_location=map_location,
                          in_place=in_place, check_all=everything, on_world_size_change=on_world_size_change,
-                         signing_key=signing_key)
+                         signing_key=signing_key, strict=strict)
 
     def choose() -> Optional[int]:
         if rank != 0:
@@ -194,7 +220,7 @@ def load_weights(step_store: Store, step: Optional[int] = None, map_location: Ma
     check_signature(manifest, signing_key, step_store.uri(MANIFEST_NAME))
     if step is not None and manifest.step != step:
         raise CorruptCheckpointError(f"{step_store.root}: the manifest records step {manifest.step}")
-    fmt, names = format_of(manifest), model_names(manifest)
+    fmt, names = format_of(manifest), manifest.model_names()
     name = manifest.file_for("meta")
     meta = read_component(step_store, manifest, name, True) if name else {}
     out = {"meta": plain(meta), "step": manifest.step, "metrics": dict(manifest.metrics), "models": names}
@@ -204,16 +230,6 @@ def load_weights(step_store: Store, step: Optional[int] = None, map_location: Ma
     else:
         out["state_dict"] = fmt.load_weights(step_store, manifest, map_location, model_name)
     return out
-
-
-def model_names(manifest: Manifest) -> List[str]:
-    """The names of a committed step's models (``['model']`` when one module was saved)."""
-    saved = manifest.components.get("sharded")
-    names = saved.get("models") if isinstance(saved, dict) else None
-    if names:
-        return sorted(names)
-    table = models.saved_models(manifest)
-    return sorted(table[1]) if table is not None else ["model"]
 
 
 def load_latest_weights(store: Store, map_location: MapLocation = None, model_name: Optional[str] = None,

@@ -23,7 +23,10 @@ restoring and the read-only CLI commands never claim anything.
   the lease, but its manifest is a create-only write there
   (:mod:`ckptmgr.step.commit`): it cannot replace a step the newer job
   committed. Elsewhere the lease is written after a re-read, which narrows
-  the same races without closing them.
+  the same races without closing them. ``close()`` deletes the lease, so a
+  normal restart finds none and says nothing; a lease left by a job on this
+  host whose process is gone (killed, preempted) is taken over with an INFO
+  line; any other lease may belong to a live job, and taking it over is a WARNING.
 """
 from __future__ import annotations
 
@@ -112,8 +115,11 @@ class DirectoryOwner:
         data, tag = self.store.read_tagged(OWNER_NAME)
         previous = _parse(data)
         if previous and previous.get("token") != self.token:
-            logger.warning("taking over %s from %s; if that job still runs, its next save will fail",
-                           self.directory, self._describe(previous))
+            if _gone(previous):
+                logger.info("taking over %s from %s, which no longer runs", self.directory, self._describe(previous))
+            else:
+                logger.warning("taking over %s from %s; if that job still runs, its next save will fail",
+                               self.directory, self._describe(previous))
         try:
             self.store.replace_if(OWNER_NAME, json.dumps(self._record()).encode("utf-8"), tag)
         except WriteConflictError:
@@ -159,10 +165,20 @@ class DirectoryOwner:
                                       "two jobs must not save into one directory: stop one of them")
 
     def release(self) -> None:
-        """Give the directory up (local lock released; an object-store lease is left to expire by takeover)."""
+        """Give the directory up: the local lock is released, an object-store lease still ours is deleted.
+
+        Failing to delete the lease is only logged: the next job takes it over.
+        """
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+        elif self._claimed:
+            try:
+                record = self._read_owner()
+                if record and record.get("token") == self.token:
+                    self.store.remove(OWNER_NAME)
+            except Exception as exc:  # closing must not fail over a lease
+                logger.info("could not release the lease on %s: %s", self.directory, exc)
         self._claimed = False
 
 
@@ -173,3 +189,19 @@ def _parse(data: Optional[bytes]) -> Optional[Dict[str, Any]]:
     except ValueError:
         return None
     return record if isinstance(record, dict) else None
+
+
+def _gone(record: Dict[str, Any]) -> bool:
+    """True when the lease's holder ran on this host and its process no longer exists."""
+    pid = record.get("pid")
+    if record.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timezone
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 from ..distributed import agree, get_rank, get_world_size
 from ..errors import DistributedError
@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["save_step", "build_manifest"]
 
 
-def build_manifest(step: int, metrics: Any, reports: List[RankFiles], world: int) -> Manifest:
+def build_manifest(step: int, metrics: Any, reports: List[RankFiles], world: int,
+                   retention: Optional[Mapping[str, Any]] = None) -> Manifest:
     """The commit record of a step from every rank's report (rank order); rank 0's names the components.
 
     Every rank's RNG file (and rank-state file, when it wrote one) is listed by rank.
@@ -48,14 +49,16 @@ def build_manifest(step: int, metrics: Any, reports: List[RankFiles], world: int
     if rank_state:
         components["rank_state"] = rank_state
     return Manifest(step=step, files=all_files(reports), components=components, metrics=dict(metrics),
-                    world_size=world, time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                    world_size=world, time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    retention=None if retention is None else dict(retention))
 
 
 def save_step(store: Store, protocol: CommitProtocol, fmt: StepFormat, snapshot: Snapshot, *,
               error: Optional[BaseException], force: bool, group: Any = None,
               before_prepare: Callable[[], None] = lambda: None,
               before_commit: Callable[[], None] = lambda: None,
-              signing_key: Optional[SigningKey] = None) -> Tuple[str, Optional[Manifest]]:
+              signing_key: Optional[SigningKey] = None,
+              retention: Callable[[], Optional[Mapping[str, Any]]] = lambda: None) -> Tuple[str, Optional[Manifest]]:
     """Write and commit one step on every rank (a collective).
 
     Args:
@@ -70,6 +73,7 @@ def save_step(store: Store, protocol: CommitProtocol, fmt: StepFormat, snapshot:
         before_prepare: Rank 0, before the plan is made.
         before_commit: Rank 0, right before the manifest is written.
         signing_key: Sign the manifest with this key.
+        retention: Rank 0, at the commit: the manager's retention settings, recorded in the manifest.
 
     Returns:
         ``(name of the committed step directory, the manifest on rank 0 / None elsewhere)``.
@@ -101,7 +105,8 @@ def save_step(store: Store, protocol: CommitProtocol, fmt: StepFormat, snapshot:
         nonlocal manifest, committed
         fault_point("save.commit")
         if rank == 0:
-            manifest = build_manifest(step, snapshot.metrics, [RankFiles.from_json(r) for r in written], world)
+            manifest = build_manifest(step, snapshot.metrics, [RankFiles.from_json(r) for r in written], world,
+                                      retention())
             if signing_key is not None:
                 signing_key.sign(manifest)
             before_commit()

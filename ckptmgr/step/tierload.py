@@ -105,7 +105,7 @@ def _restore_step(tiers: Any, view: TierView, step: int, formats: Formats, objs:
 
 def restore_tiered(tiers: Any, formats: Formats, objs: TrainingObjects, step: Optional[int], *,
                    verify: bool, map_location: MapLocation, in_place: bool,
-                   on_world_size_change: str = "error") -> Optional[Found]:
+                   on_world_size_change: str = "error", strict: Optional[bool] = None) -> Optional[Found]:
     """Every rank's part of the step to restore (a collective; nothing is applied).
 
     Returns:
@@ -119,7 +119,7 @@ def restore_tiered(tiers: Any, formats: Formats, objs: TrainingObjects, step: Op
     view = tiers.scan(f"restoring from {tiers.p.store.root}", tolerant=True)
     tiers.note(view)
     opts = {"verify": verify, "map_location": map_location, "in_place": in_place,
-            "on_world_size_change": on_world_size_change}
+            "on_world_size_change": on_world_size_change, "strict": strict}
     candidates = view.restorable()
     if step is not None:
         if step not in candidates:

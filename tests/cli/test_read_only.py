@@ -60,8 +60,8 @@ def test_console_script_is_installed_and_returns_exit_codes(run_dir):
     ok = subprocess.run([script, "verify", run_dir], capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
     missing = subprocess.run([script, "ls", run_dir + "-nope"], capture_output=True, text=True, timeout=60)
-    assert missing.returncode == 1 and "not a directory" in missing.stderr
-    usage = subprocess.run([script, "prune", run_dir], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
+    usage = subprocess.run([script, "prune", run_dir, "--keep", "many"], capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2 and "--keep" in usage.stderr
 
 
@@ -107,7 +107,7 @@ def test_ls_flags_incomplete_entries_and_ignores_foreign_ones(ckptmgr_cli, run_d
 
 def test_ls_of_a_missing_directory_fails(ckptmgr_cli, tmp_path):
     result = ckptmgr_cli("ls", tmp_path / "nope")
-    assert result.code == 1 and "not a directory" in result.err
+    assert result.code == 1 and "does not exist" in result.err and "not a directory" not in result.err
 
 
 def test_ls_verify_and_inspect_on_s3(ckptmgr_cli, s3):

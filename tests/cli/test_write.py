@@ -48,6 +48,34 @@ def test_convert_manager_checkpoint_to_pth_and_safetensors_and_back(ckptmgr_cli,
     assert tree(run_dir) == before
 
 
+def test_one_safetensors_layout_keeps_meta_through_every_path(ckptmgr_cli, run_dir, tmp_path):
+    """save_checkpoint and convert write the same layout (bare keys, meta in the header); every reader keeps meta."""
+    model = small_model()
+    saved = tmp_path / "saved.safetensors"
+    ckptmgr.save_checkpoint(model, str(saved), meta={"epoch": 3})
+    assert set(load_file(str(saved))) == set(model.state_dict())      # bare keys, for any safetensors tool
+    assert ckptmgr.load_checkpoint(small_model(), str(saved), strict=True)["meta"]["epoch"] == 3
+    converted, back = tmp_path / "converted.safetensors", tmp_path / "back.pth"
+    assert ckptmgr_cli("convert", run_dir, converted).code == 0
+    assert set(load_file(str(converted))) == set(model.state_dict())
+    assert ckptmgr.load_checkpoint(small_model(), str(converted), strict=True)["meta"]["step"] == 40
+    for source, key, value in ((saved, "epoch", 3), (converted, "step", 40)):
+        result = ckptmgr_cli("inspect", source, "--json")
+        assert result.code == 0 and json.loads(result.out)["meta"][key] == value
+        assert ckptmgr_cli("convert", source, back, "--force").code == 0
+        assert torch.load(back, weights_only=True)["meta"][key] == value
+
+
+@pytest.mark.parametrize("name", ["single.safetensors", "converted.safetensors"])
+def test_0_1_safetensors_layouts_keep_their_meta_through_inspect_and_convert(ckptmgr_cli, tmp_path, name):
+    source = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "v0_1", name)
+    result = ckptmgr_cli("inspect", source, "--json")
+    assert result.code == 0 and json.loads(result.out)["meta"]
+    back = tmp_path / "back.pth"
+    assert ckptmgr_cli("convert", source, back).code == 0
+    assert torch.load(back, weights_only=True)["meta"] == json.loads(result.out)["meta"]
+
+
 def test_convert_refuses_to_overwrite_unknown_formats_and_pickle(ckptmgr_cli, run_dir, tmp_path):
     dst = tmp_path / "w.pth"
     dst.write_bytes(b"keep me")
@@ -151,12 +179,38 @@ def test_prune_keep_every_and_usage_errors(ckptmgr_cli, run_dir, tmp_path):
     assert ckptmgr_cli("prune", run_dir, "--keep", "1", "--keep-every", "20").code == 0
     assert ckptmgr.CheckpointManager(run_dir).all_steps() == [20, 40]
     before = tree(run_dir)
-    for args in (("--keep", "0"), ("--keep-best", "1", "--keep", "1"), ()):
+    for args in (("--keep", "0"), ("--keep-best", "1", "--keep", "1")):
         result = ckptmgr_cli("prune", run_dir, *args)
         assert result.code == 2, (args, result)
     assert "--keep must be a positive int" in ckptmgr_cli("prune", run_dir, "--keep", "0").err
     assert tree(run_dir) == before
     assert ckptmgr_cli("prune", tmp_path / "absent", "--keep", "1").code == 1
+
+
+def test_ls_and_prune_use_the_policy_recorded_with_the_run(ckptmgr_cli, tmp_path):
+    run = str(tmp_path / "run")
+    model = small_model()
+    with ckptmgr.CheckpointManager(run, max_to_keep=None, keep_every_n_steps=20, best_metric="loss",
+                                   keep_best=1) as mgr:
+        for step, loss in ((10, 0.1), (20, 0.5), (30, 0.7), (40, 0.9)):
+            mgr.save(step, model=model, metrics={"loss": loss})
+    with ckptmgr.CheckpointManager(run, max_to_keep=1, keep_every_n_steps=20, best_metric="loss", keep_best=1) as mgr:
+        mgr.save(50, model=model, metrics={"loss": 0.8})   # the job's own policy now: last 1, every 20, best 1
+    assert ckptmgr.CheckpointManager(run).all_steps() == [10, 20, 40, 50]
+    listing = ckptmgr_cli("ls", run)
+    assert listing.code == 0 and "retention recorded with the run: last 1, every 20, best 1 by loss" in listing.out
+    assert json.loads(ckptmgr_cli("ls", run, "--json").out)["retention"]["keep_best"] == 1
+    result = ckptmgr_cli("prune", run, "--json")              # no flags: the run's own rule deletes nothing more
+    assert result.code == 0 and json.loads(result.out)["delete"] == []
+    assert ckptmgr_cli("prune", run, "--keep", "1", "--dry-run", "--json").code == 0   # flags still win
+    assert json.loads(ckptmgr_cli("prune", run, "--keep", "1", "--json").out)["deleted"] == [10, 20, 40]
+
+
+def test_prune_without_flags_of_a_run_that_recorded_no_policy_is_a_usage_error(ckptmgr_cli, tmp_path):
+    run = str(tmp_path / "v0_1")
+    shutil.copytree(os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "v0_1", "run"), run)
+    result = ckptmgr_cli("prune", run)
+    assert result.code == 2 and "--keep" in result.err and "records no retention policy" in result.err
 
 
 # --------------------------------------------------------------------------- download

@@ -323,3 +323,19 @@ def test_429_is_retried(http_server):
     url = http_server.add("/limited.bin", DATA, fail_times=1, fail_status=429, retry_after="0")
     assert read(ckptmgr.cached_path(url)) == DATA
     assert http_server.gets("/limited.bin") == 2
+
+
+def test_https_on_a_plain_http_port_fails_at_once_as_a_tls_error(http_server, caplog):
+    url = http_server.add("/plain.bin", DATA).replace("http://", "https://")
+    with caplog.at_level("INFO", logger="ckptmgr"), pytest.raises(DownloadError) as info:
+        ckptmgr.cached_path(url)
+    assert "TLS handshake" in str(info.value) and "http://" in info.value.hint
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]  # permanent: never retried
+    assert cache_files() == []
+
+
+def test_a_damaged_download_says_how_to_fetch_it_again(http_server, registry):
+    url = http_server.add("/garbled.pth", b"PK\x03\x04" + os.urandom(200))   # a zip header, then garbage
+    with pytest.raises(ckptmgr.CorruptCheckpointError) as info:
+        registry.load_checkpoint(url)
+    assert "delete the cached copy" in info.value.hint and "download it afresh" in info.value.hint

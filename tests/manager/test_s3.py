@@ -6,7 +6,7 @@ import s3fs
 import torch
 
 import ckptmgr
-from ckptmgr import CheckpointExistsError, CheckpointManager, ChecksumError
+from ckptmgr import CheckpointExistsError, CheckpointManager, ChecksumError, StorageError
 from tests.conftest import ConvNet
 from tests.manager.helpers import assert_same
 
@@ -118,3 +118,50 @@ def test_load_checkpoint_from_s3_manager_directories(s3, convnet):
     assert_same(convnet.state_dict(), fresh.state_dict())
     assert ckptmgr.load_checkpoint(fresh, f"{run}/step_00000100/", strict=True)["step"] == 100
     assert ckptmgr.resume_from_latest(run, model=fresh) == 201
+
+
+def test_a_missing_bucket_is_named_not_blamed_on_retries(s3, convnet):
+    missing = "s3://ckpt-no-such-bucket-" + s3.rsplit("-", 1)[-1] + "/run"
+    with pytest.raises(StorageError) as info:
+        CheckpointManager(missing).save(1, model=convnet)
+    text = str(info.value)
+    assert "bucket does not exist" in text and "retries" not in text
+
+
+def test_close_releases_the_lease_so_a_restart_takes_over_quietly(s3, convnet, caplog):
+    import json
+    import subprocess
+    import sys
+
+    from ckptmgr import DirectoryInUseError
+    from ckptmgr.step.ownership import OWNER_NAME
+    fs = s3fs.S3FileSystem()
+    run = f"{s3}/lease"
+    with caplog.at_level("INFO", logger="ckptmgr.step.ownership"):
+        with CheckpointManager(run) as first:
+            first.save(1, model=convnet)
+            assert fs.exists(f"{run}/{OWNER_NAME}")
+        assert not fs.exists(f"{run}/{OWNER_NAME}")              # close() gave it up
+        with CheckpointManager(run) as restarted:
+            restarted.save(2, model=convnet)
+        assert not [r for r in caplog.records if "taking over" in r.getMessage()]
+        # a lease left by a process of this host that is gone (killed, preempted): taken over at INFO
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+        import socket
+        fs.pipe(f"{run}/{OWNER_NAME}", json.dumps({"token": "x", "host": socket.gethostname(),
+                                                   "pid": int(dead.stdout), "time": 0}).encode())
+        with CheckpointManager(run) as after_crash:
+            after_crash.save(3, model=convnet)
+        quiet = [r for r in caplog.records if "taking over" in r.getMessage()]
+        assert quiet and all(r.levelname == "INFO" for r in quiet)
+        caplog.clear()
+        live = CheckpointManager(run)                              # a job that still runs...
+        live.save(4, model=convnet)
+        with CheckpointManager(run) as newer:                      # ...and a second one on the same directory
+            newer.save(5, model=convnet)
+            assert [r.levelname for r in caplog.records if "taking over" in r.getMessage()] == ["WARNING"]
+            with pytest.raises(DirectoryInUseError):
+                live.save(6, model=convnet)
+            live.close()
+            assert fs.exists(f"{run}/{OWNER_NAME}")                # the older job never deletes a lease not its own

@@ -21,7 +21,7 @@ import sys
 import torch
 from torch import nn
 
-import ckptmgr  # noqa: F401  (imported once here, before forking)
+from ckptmgr import CheckpointManager  # the API loads once here, before forking
 
 
 def weights_value(model: nn.Module) -> float:
@@ -38,7 +38,6 @@ def save_forever(directory: str, log: str, mode: str, value: int, async_save: bo
     With ``async_save`` each save is followed by ``wait()``, so "end V" still
     means "V is committed"; the kill lands in the background writer's work.
     """
-    from ckptmgr import CheckpointManager
     torch.set_num_threads(1)
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     mgr = CheckpointManager(directory, max_to_keep=3, async_save=async_save)

@@ -22,8 +22,8 @@ LAYERS = [
     {"step"},
     {"hub"},
     {"loaders"},
-    {"checkpoint", "retention", "inventory", "describe", "exporter", "release", "warmstart", "manager", "hooks",
-     "resume"},
+    {"checkpoint", "retention", "keeping", "advice", "inventory", "describe", "exporter", "release", "warmstart",
+     "manager", "restoring", "hooks", "resume"},
     {"integrations"},
     {"cli"},
     {""},  # the facade, ckptmgr/__init__.py

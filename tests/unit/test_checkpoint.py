@@ -200,3 +200,35 @@ def test_missing_file_is_typed(tmp_path):
         ckptmgr.load_checkpoint(ConvNet(), str(tmp_path / "nope.pth"))
     with pytest.raises(FileNotFoundError):  # also what OpenMMLab users catch
         ckptmgr.load_checkpoint(ConvNet(), str(tmp_path / "nope.pth"))
+
+
+def test_torch_compile_keys_load_strictly_by_default(tmp_path, convnet):
+    path = tmp_path / "compiled.pth"
+    torch.save(torch.compile(convnet).state_dict(), path)  # keys start with '_orig_mod.'
+    fresh = ConvNet()
+    ckptmgr.load_checkpoint(fresh, str(path), strict=True)
+    _equal_state(fresh.state_dict(), convnet.state_dict())
+    torch.save({"state_dict": nn.DataParallel(torch.compile(convnet)).state_dict()}, path)  # module._orig_mod.
+    other = ConvNet()
+    ckptmgr.load_checkpoint(other, str(path), strict=True)
+    _equal_state(other.state_dict(), convnet.state_dict())
+    assert set(ckptmgr.load_checkpoint_with_prefix("module.conv", str(path))) == {"weight", "bias"}
+
+
+def test_a_load_that_matches_nothing_is_an_error_and_a_partial_one_names_the_counts(tmp_path, convnet, caplog):
+    path = tmp_path / "prefixed.pth"
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in convnet.state_dict().items()}}, path)
+    fresh = ConvNet()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ckptmgr.KeyMismatchError, match="none of the 9 entries") as info:
+        ckptmgr.load_checkpoint(fresh, str(path))           # strict=False, the OpenMMLab default
+    assert "backbone" in str(info.value) and "revise_keys" in info.value.hint
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+    ckptmgr.load_checkpoint(fresh, str(path), revise_keys=[(r"^backbone\.", "")], strict=True)
+    partial = tmp_path / "partial.pth"
+    torch.save({"state_dict": {k: v for k, v in convnet.state_dict().items() if k.startswith("head.")}}, partial)
+    with caplog.at_level("WARNING"):
+        report_ckpt = ckptmgr.load_checkpoint(ConvNet(), str(partial))
+    assert report_ckpt is not None
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("MOST OF THE MODEL WAS NOT LOADED: loaded 2 of the model's 9 entries (6 missing" in m for m in said)

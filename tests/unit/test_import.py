@@ -26,7 +26,51 @@ def _imported_after(setup: str) -> list:
 
 
 def test_import_ckptmgr_pulls_in_no_heavy_module():
-    assert _imported_after("import torch\nimport ckptmgr") == []
+    assert _imported_after("import torch\nimport ckptmgr\n"
+                           "ckptmgr.CheckpointManager, ckptmgr.CheckpointHook, ckptmgr.load_checkpoint") == []
+
+
+TORCH_FREE = """
+import contextlib, io, json, sys
+import ckptmgr
+from ckptmgr.cli import main
+with contextlib.redirect_stdout(io.StringIO()):
+    codes = [main(["--help"]), main(["ls", {run!r}]), main(["ls", {run!r}, "--json"]), main(["verify", {run!r}]),
+             main(["verify", {step!r}]), main(["prune", {run!r}, "--dry-run"])]
+print(json.dumps({{"codes": codes, "torch": sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))}}))
+"""
+
+
+def test_cli_help_ls_and_verify_of_a_manager_directory_import_no_torch(tmp_path):
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, "-c", f"""
+import torch, ckptmgr
+with ckptmgr.CheckpointManager({str(run)!r}, max_to_keep=2) as mgr:
+    for step in range(3):
+        mgr.save(step, model=torch.nn.Linear(2, 2), metrics={{"loss": 1.0}})
+"""], check=True)
+    code = TORCH_FREE.format(run=str(run), step=str(run / "step_00000002"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result == {"codes": [0, 0, 0, 0, 0, 0], "torch": []}
+
+
+def test_the_facade_loads_names_lazily_and_still_lists_them():
+    code = """
+import json, sys
+import ckptmgr
+before = "torch" in sys.modules
+from ckptmgr import CheckpointManager, StorageError
+import ckptmgr.errors
+print(json.dumps({"before": before, "after": "torch" in sys.modules, "all": ckptmgr.__all__,
+                  "dir": dir(ckptmgr), "same": ckptmgr.StorageError is ckptmgr.errors.StorageError,
+                  "sharded": callable(ckptmgr.sharded.consolidate)}))
+"""
+    result = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                       check=True).stdout.strip().splitlines()[-1])
+    assert result["before"] is False and result["after"] is True
+    assert set(result["all"]) <= set(result["dir"]) and result["same"] and result["sharded"]
+    assert not {"Any", "Dict", "importlib", "TYPE_CHECKING"} & set(result["dir"])
 
 
 def test_cli_help_and_ls_of_a_local_directory_import_neither_dcp_nor_s3fs(tmp_path):

@@ -4,7 +4,7 @@ from collections import OrderedDict
 import pytest
 
 from ckptmgr.errors import CheckpointFormatError
-from ckptmgr.state.keys import revise_keys, select_prefix, top_level_prefixes
+from ckptmgr.state.keys import revise_keys, select_prefix, strip_compile_prefix, top_level_prefixes
 
 
 def test_revise_keys_in_order_and_metadata():
@@ -31,3 +31,11 @@ def test_select_prefix():
     with pytest.raises(CheckpointFormatError):
         select_prefix(sd, "")
     assert top_level_prefixes(["a.b", "c", "a.d"]) == ["a", "c"]
+
+
+def test_strip_compile_prefix_wherever_compile_put_it():
+    sd = OrderedDict([("_orig_mod.fc.w", 1), ("_orig_mod.module.head.b", 2), ("module._orig_mod.x", 3),
+                      ("backbone._orig_mod.conv.w", 4), ("my_orig_mod.y", 5)])
+    assert list(strip_compile_prefix(sd)) == ["fc.w", "module.head.b", "module.x", "backbone.conv.w", "my_orig_mod.y"]
+    plain = OrderedDict([("fc.w", 1)])
+    assert strip_compile_prefix(plain) is plain

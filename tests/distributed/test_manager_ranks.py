@@ -46,7 +46,7 @@ def _worker(rank, world, directory):
     from ckptmgr import distributed as dist
     from ckptmgr import io as storage
     from ckptmgr.state import objects as state
-    from ckptmgr.step import formats as components
+    from ckptmgr.step import format_base as components
     from tests.conftest import ConvNet
 
     torch.set_num_threads(1)
@@ -174,7 +174,7 @@ def _rank_dies_mid_save(rank, world, directory):
     import torch
 
     from ckptmgr import CheckpointManager
-    from ckptmgr.step import formats as components
+    from ckptmgr.step import format_base as components
     from tests.conftest import ConvNet
     mgr = CheckpointManager(directory)
     mgr.save(1, model=ConvNet())

@@ -176,7 +176,7 @@ def test_failed_save_commits_nothing_and_leaves_no_temp(ckpt_dir, convnet):
 
 
 def test_write_failure_after_some_files_leaves_nothing(ckpt_dir, convnet, monkeypatch):
-    from ckptmgr.step import formats
+    from ckptmgr.step import format_base as formats
     real = formats.write_component
     calls = []
 

@@ -23,6 +23,7 @@ from . import distributed as dist
 from .distributed import agree
 from .errors import CheckpointError
 from .faults import fault_point
+from .format.checksum import DEFAULT_CHECKSUM, check_checksum
 from .format.maplocation import MapLocation
 from .io.access import open_store
 from .io.store import Options, Store
@@ -62,7 +63,7 @@ class CheckpointManager:
     into it, so a local path must be on a filesystem shared by all nodes; on
     separate node-local disks use an object store (``s3://...``) instead.
 
-    One manager (one job) writes to a directory at a time: a save removes the
+    One manager (one job) writes to a directory at a time: its first save removes the
     temporary directories that crashed saves left there, and its listing cache
     assumes nobody else commits or deletes steps meanwhile.
 
@@ -90,21 +91,26 @@ class CheckpointManager:
             reshards to any number of ranks. Its metadata is a pickle, checked
             against the manifest before it is read: sharded checkpoints are only
             as trustworthy as their source.
+        checksum: Per-file checksum, verified on restore: ``'xxh3'`` (XXH3-128, at memory
+            speed) or ``'sha256'`` (as ckptmgr 0.1; slower). Restores use the one a manifest names.
 
     Raises:
-        ValueError: an argument is out of range (see :func:`ckptmgr.retention.build_policy`).
+        ValueError: an argument is out of range (see :func:`ckptmgr.retention.build_policy`),
+            or ``checksum`` is not one of ``'xxh3'``, ``'sha256'``.
         UnknownSchemeError: ``directory`` is a URL of a protocol fsspec does not know.
     """
 
     def __init__(self, directory: Any, max_to_keep: Optional[int] = 5, keep_every_n_steps: Optional[int] = None,
                  best_metric: Optional[str] = None, best_mode: str = "min", keep_best: int = 0,
-                 async_save: bool = False, storage_options: Options = None, sharded: Any = "auto") -> None:
+                 async_save: bool = False, storage_options: Options = None, sharded: Any = "auto",
+                 checksum: str = DEFAULT_CHECKSUM) -> None:
         self.store: Store = open_store(os.fspath(directory), storage_options)
         self.directory: str = self.store.root
         self.best_metric = best_metric
         self.best_mode = best_mode
         self.policy = build_policy(max_to_keep, keep_every_n_steps, best_metric, best_mode, keep_best)
         self.storage_options = storage_options
+        self.checksum = check_checksum(checksum)
         self.async_save = bool(async_save)
         self.formats = Formats(sharded)
         self.sharded = self.formats.setting
@@ -121,6 +127,7 @@ class CheckpointManager:
         self._restored_step: Optional[int] = None
         self._owner = DirectoryOwner(self.store)  # claimed at the first save, never by reads
         self._closed = False
+        self._tidied = False  # the first save lists the directory and removes leftovers
 
     # ------------------------------------------------------------------ listing
 
@@ -217,7 +224,7 @@ class CheckpointManager:
         """Write, commit (manifest last), retain: the part an async save runs in the background."""
         final, manifest = save_step(self.store, self._protocol, fmt, snapshot, error=error, force=force,
                                     group=group, before_prepare=self._prepare_directory,
-                                    before_commit=self._owner.check)
+                                    before_commit=self._owner.check, checksum=self.checksum)
         if manifest is not None:  # rank 0
             with self._index_lock:
                 self.index.add(snapshot.step, manifest.metrics)
@@ -227,12 +234,18 @@ class CheckpointManager:
         return self.store.uri(final)
 
     def _prepare_directory(self) -> None:
-        """Rank 0, before a save's plan: claim the directory and remove crashed saves' leftovers."""
+        """Rank 0, before a save's plan: claim the directory; the first save lists it and removes leftovers.
+
+        Later saves need no listing (a failed save removes what it wrote; the claim keeps other jobs out; the
+        index records what this manager commits and deletes), so a save costs the same with 1 or 1000 steps.
+        """
         self._reclaimer.wait()  # the previous retention's deletes are finished before we list
         self._owner.claim()  # before cleaning: never tidy away another job's in-flight save
         with self._index_lock:
-            self.index.refresh()
-            self._protocol.clean_leftovers(self.index.names, self.index.uncommitted)
+            if not self._tidied:
+                self.index.refresh()
+                self._protocol.clean_leftovers(self.index.names, self.index.uncommitted)
+                self._tidied = True
 
     def _apply_retention(self, saved: int) -> None:
         """Uncommit what the policy drops (rank 0, after the commit; failures only logged)."""

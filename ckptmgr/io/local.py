@@ -19,6 +19,7 @@ from typing import IO, Any, Dict, Iterator, List
 from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, StorageError
 from .store import Store
 from .uri import local_path
+from .writeback import open_writeback
 
 __all__ = ["LocalStore", "fsync_dir", "storage_error"]
 
@@ -97,7 +98,7 @@ class LocalStore(Store):
         except OSError as exc:
             raise storage_error(path, exc) from exc
         try:
-            with os.fdopen(fd, "wb") as fh:
+            with open_writeback(fd) as fh:  # its pages start going to disk while it is written
                 yield fh
                 fh.flush()
                 os.fsync(fh.fileno())

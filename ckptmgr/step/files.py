@@ -23,7 +23,7 @@ import torch
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from ..faults import fault_point
 from ..format.checkpoint_file import MODULE_META_KEY
-from ..format.checksum import FileEntry, HashingReader, HashingWriter
+from ..format.checksum import DEFAULT_CHECKSUM, FileEntry, HashingReader, HashingWriter
 from ..format.manifest import MANIFEST_NAME, Manifest, compare, verify_file
 from ..format.maplocation import MapLocation
 from ..format.safetensors import read_safetensors, write_safetensors
@@ -54,16 +54,17 @@ def run_concurrently(jobs: Mapping[str, Callable[[], Any]], name: str) -> Dict[s
 # --------------------------------------------------------------------------- writing
 
 
-def _write(store: Store, name: str, fill: Callable[[HashingWriter], Any]) -> FileEntry:
+def _write(store: Store, name: str, fill: Callable[[HashingWriter], Any], checksum: str) -> FileEntry:
     with store.atomic_write(name) as fh:
-        writer = HashingWriter(fh)
+        writer = HashingWriter(fh, checksum)
         fill(writer)
     fault_point("save.after_data_file")
     return writer.entry()
 
 
-def write_component(store: Store, base: str, obj: Any, prefix: str = "") -> Tuple[str, FileEntry]:
-    """Write ``obj`` as ``<prefix><base>.json`` (no tensors) or ``<prefix><base>.safetensors``.
+def write_component(store: Store, base: str, obj: Any, prefix: str = "",
+                    checksum: str = DEFAULT_CHECKSUM) -> Tuple[str, FileEntry]:
+    """Write ``obj`` as ``<prefix><base>.json`` (no tensors) or ``<prefix><base>.safetensors``, hashed (``checksum``).
 
     Returns:
         ``(name relative to the store, FileEntry)``.
@@ -75,13 +76,13 @@ def write_component(store: Store, base: str, obj: Any, prefix: str = "") -> Tupl
     text = json.dumps(skeleton, allow_nan=False)
     if tensors:
         name = f"{prefix}{base}.safetensors"
-        return name, _write(store, name, lambda w: write_safetensors(w, tensors, {SKELETON_KEY: text}))
+        return name, _write(store, name, lambda w: write_safetensors(w, tensors, {SKELETON_KEY: text}), checksum)
     name = f"{prefix}{base}.json"
-    return name, _write(store, name, lambda w: w.write(text.encode("utf-8")))
+    return name, _write(store, name, lambda w: w.write(text.encode("utf-8")), checksum)
 
 
 def write_model(store: Store, state: Mapping[str, Any], module_meta: Mapping[str, Any],
-                prefix: str = "") -> Tuple[str, FileEntry]:
+                prefix: str = "", checksum: str = DEFAULT_CHECKSUM) -> Tuple[str, FileEntry]:
     """Write model weights as a plain safetensors file keyed like the bare model's state dict.
 
     Any tool that reads safetensors can use the file. Non-tensor entries
@@ -94,7 +95,7 @@ def write_model(store: Store, state: Mapping[str, Any], module_meta: Mapping[str
         skeleton, tensors = to_skeleton(dict(state), path="model")
         metadata[SKELETON_KEY] = json.dumps(skeleton, allow_nan=False)
     name = f"{prefix}model.safetensors"
-    return name, _write(store, name, lambda w: write_safetensors(w, tensors, metadata))
+    return name, _write(store, name, lambda w: write_safetensors(w, tensors, metadata), checksum)
 
 
 # --------------------------------------------------------------------------- reading
@@ -109,11 +110,11 @@ def _read(store: Store, manifest: Manifest, name: str, verify: bool, parse: Call
     store.check_inside(name)
 
     def check(got: FileEntry) -> None:
-        compare(name, got if verify else FileEntry(got.size, want.sha256), want, store.root)
+        compare(name, got if verify else FileEntry(got.size, want.digest), want, store.root, manifest.checksum)
 
     try:
         with store.open_read(name) as fh:
-            reader = HashingReader(fh, digest=verify)
+            reader = HashingReader(fh, manifest.checksum if verify else None)
             try:
                 value = parse(reader, want.size)
             except CorruptCheckpointError:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
+from ..format.checksum import DEFAULT_CHECKSUM
 from ..format.manifest import Manifest, verify_file
 from ..format.maplocation import MapLocation
 from ..format.skeleton import to_skeleton
@@ -72,17 +73,19 @@ class StepFormat:
         return Snapshot(snapshot.step, staged["rng"], staged["model"], staged["components"], dict(snapshot.metrics),
                         snapshot.sharded)
 
-    def write(self, store: Store, prefix: str, snapshot: Snapshot, rank: int, group: Any = None) -> RankFiles:
-        """Write this rank's files into ``store`` (names start with ``prefix``); report them for the manifest."""
+    def write(self, store: Store, prefix: str, snapshot: Snapshot, rank: int, group: Any = None,
+              checksum: str = DEFAULT_CHECKSUM) -> RankFiles:
+        """Write this rank's files into ``store`` (names start with ``prefix``), hashed (``checksum``); report them."""
         jobs: Dict[str, Callable[[], Any]] = {}
         if rank == 0:
             if snapshot.model is not None:
-                jobs["model"] = functools.partial(write_model, store, *snapshot.model, prefix=prefix)
+                jobs["model"] = functools.partial(write_model, store, *snapshot.model, prefix=prefix, checksum=checksum)
             for comp in COMPONENTS:
                 if snapshot.components.get(comp) is not None:
                     jobs[comp] = functools.partial(write_component, store, comp, snapshot.components[comp],
-                                                   prefix=prefix)
-        jobs["rng"] = functools.partial(write_component, store, f"rng-rank{rank:05d}", snapshot.rng, prefix=prefix)
+                                                   prefix=prefix, checksum=checksum)
+        jobs["rng"] = functools.partial(write_component, store, f"rng-rank{rank:05d}", snapshot.rng, prefix=prefix,
+                                        checksum=checksum)
         done = run_concurrently(jobs, "ckptmgr-write")
         rng_name, rng_entry = done.pop("rng")
         files = dict(done.values())
@@ -117,7 +120,7 @@ class StepFormat:
             for other in range(manifest.world_size):
                 name = manifest.rng_file(other)
                 if other != rank and name is not None:
-                    verify_file(store, name, manifest.files[name])
+                    verify_file(store, name, manifest.files[name], manifest.checksum)
         return loaded
 
     reads_model = True
@@ -204,13 +207,14 @@ class ShardedFormat(StepFormat):
         staged.sharded = self._stager.stage(snapshot.sharded)  # type: ignore[arg-type]
         return staged
 
-    def write(self, store: Store, prefix: str, snapshot: Snapshot, rank: int, group: Any = None) -> RankFiles:
+    def write(self, store: Store, prefix: str, snapshot: Snapshot, rank: int, group: Any = None,
+              checksum: str = DEFAULT_CHECKSUM) -> RankFiles:
         from ..sharded.engine import save_shards
         from ..sharded.layout import METADATA_NAME
         assert_sharded(snapshot)
         write_store = store.sub(prefix) if prefix else store
-        shards = save_shards(write_store, snapshot.sharded, rank, group)  # type: ignore[arg-type]
-        report = super().write(store, prefix, snapshot, rank, group)
+        shards = save_shards(write_store, snapshot.sharded, rank, group, checksum)  # type: ignore[arg-type]
+        report = super().write(store, prefix, snapshot, rank, group, checksum)
         report.files.update({prefix + name: entry for name, entry in shards.items()})
         if rank == 0:
             from ..distributed import get_world_size

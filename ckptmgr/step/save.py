@@ -7,9 +7,9 @@ order of calls is the whole protocol:
 
 1. rank 0 runs the caller's ``before_prepare`` (claim the directory, clean
    leftovers) and :meth:`CommitProtocol.prepare`, then sends the
-   :class:`WritePlan` to every rank;
-2. every rank writes its files with the step format and reports them as
-   :class:`RankFiles`;
+   :class:`WritePlan` and its checksum algorithm to every rank;
+2. every rank writes its files with the step format, hashing them with rank
+   0's algorithm while they are written, and reports them as :class:`RankFiles`;
 3. rank 0 builds the manifest from every report, runs ``before_commit`` (the
    ownership check) and :meth:`CommitProtocol.commit`: the manifest is written
    last, and the step is visible from that instant.
@@ -23,6 +23,7 @@ from typing import Any, Callable, List, Optional, Tuple
 from ..distributed import agree, get_rank, get_world_size
 from ..errors import DistributedError
 from ..faults import fault_point
+from ..format.checksum import DEFAULT_CHECKSUM
 from ..format.manifest import Manifest
 from ..io.store import Store
 from .commit import CommitProtocol
@@ -34,18 +35,21 @@ logger = logging.getLogger(__name__)
 __all__ = ["save_step", "build_manifest"]
 
 
-def build_manifest(step: int, metrics: Any, reports: List[RankFiles], world: int) -> Manifest:
+def build_manifest(step: int, metrics: Any, reports: List[RankFiles], world: int,
+                   checksum: str = DEFAULT_CHECKSUM) -> Manifest:
     """The commit record of a step from every rank's report (rank order); rank 0's names the components."""
     components = dict(reports[0].components)
     components["rng"] = {str(rank): report.rng for rank, report in enumerate(reports)}
     return Manifest(step=step, files=all_files(reports), components=components, metrics=dict(metrics),
-                    world_size=world, time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                    world_size=world, time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    checksum=checksum)
 
 
 def save_step(store: Store, protocol: CommitProtocol, fmt: StepFormat, snapshot: Snapshot, *,
               error: Optional[BaseException], force: bool, group: Any = None,
               before_prepare: Callable[[], None] = lambda: None,
-              before_commit: Callable[[], None] = lambda: None) -> Tuple[str, Optional[Manifest]]:
+              before_commit: Callable[[], None] = lambda: None,
+              checksum: str = DEFAULT_CHECKSUM) -> Tuple[str, Optional[Manifest]]:
     """Write and commit one step on every rank (a collective).
 
     Args:
@@ -59,6 +63,7 @@ def save_step(store: Store, protocol: CommitProtocol, fmt: StepFormat, snapshot:
         group: Process group for the agreement (a background writer's private one).
         before_prepare: Rank 0, before the plan is made.
         before_commit: Rank 0, right before the manifest is written.
+        checksum: The file checksum; rank 0's is used on every rank.
 
     Returns:
         ``(name of the committed step directory, the manifest on rank 0 / None elsewhere)``.
@@ -80,17 +85,18 @@ def save_step(store: Store, protocol: CommitProtocol, fmt: StepFormat, snapshot:
         if rank != 0:
             return {"step": step}
         before_prepare()
-        return {"step": step, "plan": protocol.prepare(step, force).to_json()}
+        return {"step": step, "plan": protocol.prepare(step, force).to_json(), "checksum": checksum}
 
-    def write(plan: WritePlan) -> Any:
+    def write(plan: WritePlan, algorithm: str) -> Any:
         fault_point("save.write")
-        return fmt.write(store.sub(plan.root), plan.prefix, snapshot, rank, group).to_json()
+        return fmt.write(store.sub(plan.root), plan.prefix, snapshot, rank, group, checksum=algorithm).to_json()
 
     def commit(plan: WritePlan, written: List[Any]) -> None:
         nonlocal manifest, committed
         fault_point("save.commit")
         if rank == 0:
-            manifest = build_manifest(step, snapshot.metrics, [RankFiles.from_json(r) for r in written], world)
+            manifest = build_manifest(step, snapshot.metrics, [RankFiles.from_json(r) for r in written], world,
+                                      checksum)
             before_commit()
             protocol.commit(plan, manifest)
             committed = True
@@ -101,7 +107,8 @@ def save_step(store: Store, protocol: CommitProtocol, fmt: StepFormat, snapshot:
             raise DistributedError(f"{what}: ranks passed different steps {[r['step'] for r in replies]}",
                                    "call save() with the same step on every rank")
         chosen = plan = WritePlan(**replies[0]["plan"])
-        written = agree(f"{what} (write)", lambda: write(chosen), group)
+        algorithm = str(replies[0]["checksum"])
+        written = agree(f"{what} (write)", lambda: write(chosen, algorithm), group)
         agree(f"{what} (commit)", lambda: commit(chosen, written), group)
         committed = True
     finally:

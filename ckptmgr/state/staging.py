@@ -4,19 +4,44 @@ An async save has two halves. The training thread copies the state into CPU
 staging buffers (the only part it waits for); a background thread then
 serialises, writes and commits the copy while training changes the originals.
 The buffers are reused, so memory never grows past one staged copy.
+
+Training is stopped while the copy runs, so the copy uses every core it can:
+when torch runs on fewer threads than there are cores (a training loop
+limited to ``torch.set_num_threads(1)``), CPU-to-CPU copies are cut into
+slices spread over a few threads (``copy_`` releases the interpreter lock).
 """
 from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections import OrderedDict
-from typing import Any, Dict, Mapping, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["StagingBuffers"]
+
+SLICE = 16 * 1024 * 1024  # bytes per parallel copy task
+MAX_THREADS = 4
+
+
+def _copy_threads() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(MAX_THREADS, cpus))
+
+
+def _slices(dst: torch.Tensor, src: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """(destination, source) pairs of at most :data:`SLICE` bytes covering ``src`` (contiguous CPU tensors)."""
+    flat_dst, flat_src = dst.view(-1), src.reshape(-1)
+    step = max(1, SLICE // max(1, src.element_size()))
+    return [(flat_dst[i:i + step], flat_src[i:i + step]) for i in range(0, flat_src.numel(), step)]
 
 
 class StagingBuffers:
@@ -30,6 +55,7 @@ class StagingBuffers:
     def __init__(self, pin_memory: Optional[bool] = None) -> None:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._buffers: Dict[str, torch.Tensor] = {}
+        self._pool: Optional[ThreadPoolExecutor] = None
 
     @property
     def nbytes(self) -> int:
@@ -53,14 +79,18 @@ class StagingBuffers:
         """
         staged: Dict[str, torch.Tensor] = {}
         pending_sync = [False]
+        parallel: List[Tuple[torch.Tensor, torch.Tensor]] = []
 
         def walk(node: Any, path: str) -> Any:
             if isinstance(node, torch.Tensor):
                 src = node.detach()
                 buf = self._buffer_for(path, src)
-                non_blocking = src.device.type == "cuda" and buf.is_pinned()
-                buf.copy_(src, non_blocking=non_blocking)
-                pending_sync[0] = pending_sync[0] or non_blocking
+                if src.device.type == "cpu" and src.is_contiguous() and not src.is_conj() and not src.is_neg():
+                    parallel.extend(_slices(buf, src))  # copied below, on several threads
+                else:
+                    non_blocking = src.device.type == "cuda" and buf.is_pinned()
+                    buf.copy_(src, non_blocking=non_blocking)
+                    pending_sync[0] = pending_sync[0] or non_blocking
                 staged[path] = buf
                 return buf
             if isinstance(node, Mapping):
@@ -76,15 +106,38 @@ class StagingBuffers:
             return copy.deepcopy(node) if _mutable(node) else node
 
         out = walk(tree, "")
+        self._copy(parallel)
         if pending_sync[0]:
             torch.cuda.synchronize()
         for stale in set(self._buffers) - set(staged):
             del self._buffers[stale]
         return out
 
+    def _copy(self, pairs: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy each (destination, source) pair, on a few threads when there is enough to copy."""
+        threads = _copy_threads()
+        if threads <= torch.get_num_threads() or len(pairs) < 2:  # torch already copies on that many threads
+            for dst, src in pairs:
+                dst.copy_(src)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckptmgr-stage")
+        shares: List[List[Tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(threads)]
+        for i, pair in enumerate(pairs):
+            shares[i % threads].append(pair)
+
+        def run(share: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+            for dst, src in share:
+                dst.copy_(src)
+        for future in [self._pool.submit(run, share) for share in shares]:
+            future.result()
+
     def release(self) -> None:
-        """Drop every buffer."""
+        """Drop every buffer and the copy threads."""
         self._buffers.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def _mutable(value: Any) -> bool:

@@ -11,12 +11,14 @@ never from sniffing, and nothing here can unpickle.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 
@@ -33,20 +35,49 @@ from ..io.store import Store
 logger = logging.getLogger(__name__)
 
 __all__ = ["WORKERS", "write_component", "write_model", "read_component", "read_model", "read_manifest", "probe",
-           "verify_file", "run_concurrently"]  # verify_file: re-exported from ckptmgr.format.manifest
+           "verify_file", "run_concurrently", "spare_cores"]  # verify_file: re-exported from ckptmgr.format.manifest
 
 WORKERS = max(2, min(4, os.cpu_count() or 2))  # files of one step written or read at once
 Tensors = Optional[Mapping[str, torch.Tensor]]
+_limit = threading.local()  # .workers: a lower bound set by spare_cores() for the calling thread
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def spare_cores() -> Iterator[int]:
+    """Within this block, the calling thread runs files on no more threads than training leaves free.
+
+    An async save runs beside the training loop, whose torch ops use
+    ``torch.get_num_threads()`` cores; writing the files of a step on more
+    threads than the cores left over only makes them fight the loop for CPU.
+    The save then takes longer in the background and costs the loop less.
+    """
+    spare = max(1, min(WORKERS, _usable_cpus() - torch.get_num_threads()))
+    previous = getattr(_limit, "workers", None)
+    _limit.workers = spare
+    try:
+        yield spare
+    finally:
+        _limit.workers = previous
 
 
 def run_concurrently(jobs: Mapping[str, Callable[[], Any]], name: str) -> Dict[str, Any]:
     """Run independent jobs (one per file) on a few threads; every job finishes before this returns.
 
     The model and the optimizer moments are the big files, so writing (or
-    reading and hashing) them at once uses more than one core or connection.
-    The first exception is raised after all jobs ended.
+    reading and hashing) them at once uses more than one core or connection
+    (fewer inside :func:`spare_cores`). The first exception is raised after all jobs ended.
     """
-    with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix=name) as pool:
+    workers = getattr(_limit, "workers", None) or WORKERS
+    if workers == 1 or len(jobs) == 1:
+        return {key: job() for key, job in jobs.items()}
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) as pool:
         futures = {key: pool.submit(job) for key, job in jobs.items()}
         return {key: future.result() for key, future in futures.items()}
 

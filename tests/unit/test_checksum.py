@@ -8,8 +8,16 @@ import pytest
 import xxhash
 
 from ckptmgr.errors import CheckpointFormatError, CorruptCheckpointError
-from ckptmgr.format.checksum import (CHECKSUMS, DEFAULT_CHECKSUM, FileEntry, HashingReader, HashingWriter,
-                                     StreamDigest, check_checksum, digest_of)
+from ckptmgr.format.checksum import (
+    CHECKSUMS,
+    DEFAULT_CHECKSUM,
+    FileEntry,
+    HashingReader,
+    HashingWriter,
+    StreamDigest,
+    check_checksum,
+    digest_of,
+)
 from ckptmgr.format.manifest import Manifest, version_for
 
 FIXTURE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "v0_1")

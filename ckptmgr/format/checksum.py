@@ -41,7 +41,7 @@ DEFAULT_CHECKSUM = "xxh3"
 #: Algorithms fast enough to hash on the caller's thread while the piece is in cache.
 _INLINE = frozenset({"xxh3"})
 
-INLINE_PIECE = 1024 * 1024    # inline hashing: a piece stays in the L2 cache between the copy and the hash
+INLINE_PIECE = 512 * 1024     # inline hashing: a piece stays in the L2 cache between the copy and the hash
 PIECE = 8 * 1024 * 1024       # threaded hashing: large pieces, so queue hand-offs are rare
 CHUNK = 4 * 1024 * 1024       # reads when streaming a whole file
 _THREADED_FROM = 1024 * 1024  # below this, feeding the helper thread costs more than it saves

@@ -21,8 +21,8 @@ from ckptmgr.format.checksum import (
 from ckptmgr.format.manifest import Manifest, version_for
 
 FIXTURE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "v0_1")
-# sizes around the inline piece (1 MiB) and the threaded piece (8 MiB), and the empty stream
-SIZES = [0, 1, 1024 * 1024 - 1, 1024 * 1024, 3 * 1024 * 1024 + 5, 8 * 1024 * 1024 + 3]
+# sizes around the inline piece (512 KiB) and the threaded piece (8 MiB), and the empty stream
+SIZES = [0, 1, 512 * 1024 - 1, 512 * 1024, 3 * 1024 * 1024 + 5, 8 * 1024 * 1024 + 3]
 
 
 def _reference(data, name):

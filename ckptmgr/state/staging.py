@@ -6,9 +6,13 @@ serialises, writes and commits the copy while training changes the originals.
 The buffers are reused, so memory never grows past one staged copy.
 
 Training is stopped while the copy runs, so the copy uses every core it can:
-when torch runs on fewer threads than there are cores (a training loop
-limited to ``torch.set_num_threads(1)``), CPU-to-CPU copies are cut into
-slices spread over a few threads (``copy_`` releases the interpreter lock).
+CPU-to-CPU copies are cut into slices of raw bytes spread over a few threads
+of our own, each a plain ``memcpy`` through NumPy (which releases the
+interpreter lock). Not ``Tensor.copy_``: with more than one torch thread it
+runs in OpenMP parallel regions whose threads spin while they wait for each
+other, and on a busy machine (another job, or the background writer of the
+previous save) that costs 4x the CPU of a memcpy (measured here: 210 ms
+against 55 ms for 256 MiB).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+import numpy
 import torch
 
 logger = logging.getLogger(__name__)
@@ -27,6 +32,7 @@ __all__ = ["StagingBuffers"]
 
 SLICE = 16 * 1024 * 1024  # bytes per parallel copy task
 MAX_THREADS = 4
+Pair = Tuple[Any, Any]  # (destination, source) NumPy byte views of equal length
 
 
 def _copy_threads() -> int:
@@ -37,11 +43,18 @@ def _copy_threads() -> int:
     return max(1, min(MAX_THREADS, cpus))
 
 
-def _slices(dst: torch.Tensor, src: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """(destination, source) pairs of at most :data:`SLICE` bytes covering ``src`` (contiguous CPU tensors)."""
-    flat_dst, flat_src = dst.view(-1), src.reshape(-1)
-    step = max(1, SLICE // max(1, src.element_size()))
-    return [(flat_dst[i:i + step], flat_src[i:i + step]) for i in range(0, flat_src.numel(), step)]
+def _plain_bytes(src: torch.Tensor, dst: torch.Tensor) -> bool:
+    """True when ``src`` can be copied into ``dst`` as raw bytes (same dtype, contiguous, plain CPU memory)."""
+    return (src.device.type == "cpu" and dst.device.type == "cpu" and src.layout == torch.strided
+            and src.dtype == dst.dtype and src.is_contiguous() and dst.is_contiguous() and not src.is_conj()
+            and not src.is_neg() and src.numel() > 0)
+
+
+def _slices(dst: torch.Tensor, src: torch.Tensor) -> List[Pair]:
+    """(destination, source) byte views of at most :data:`SLICE` bytes covering ``src``."""
+    to = dst.reshape(-1).view(torch.uint8).numpy()
+    frm = src.detach().reshape(-1).view(torch.uint8).numpy()
+    return [(to[i:i + SLICE], frm[i:i + SLICE]) for i in range(0, len(frm), SLICE)]
 
 
 class StagingBuffers:
@@ -79,13 +92,13 @@ class StagingBuffers:
         """
         staged: Dict[str, torch.Tensor] = {}
         pending_sync = [False]
-        parallel: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        parallel: List[Pair] = []
 
         def walk(node: Any, path: str) -> Any:
             if isinstance(node, torch.Tensor):
                 src = node.detach()
                 buf = self._buffer_for(path, src)
-                if src.device.type == "cpu" and src.is_contiguous() and not src.is_conj() and not src.is_neg():
+                if _plain_bytes(src, buf):
                     parallel.extend(_slices(buf, src))  # copied below, on several threads
                 else:
                     non_blocking = src.device.type == "cuda" and buf.is_pinned()
@@ -113,22 +126,22 @@ class StagingBuffers:
             del self._buffers[stale]
         return out
 
-    def _copy(self, pairs: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Copy each (destination, source) pair, on a few threads when there is enough to copy."""
-        threads = _copy_threads()
-        if threads <= torch.get_num_threads() or len(pairs) < 2:  # torch already copies on that many threads
+    def _copy(self, pairs: List[Pair]) -> None:
+        """Copy each (destination, source) pair, on a few threads when there is more than one slice."""
+        threads = min(_copy_threads(), len(pairs))
+        if threads <= 1:
             for dst, src in pairs:
-                dst.copy_(src)
+                numpy.copyto(dst, src)
             return
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckptmgr-stage")
-        shares: List[List[Tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(threads)]
+            self._pool = ThreadPoolExecutor(max_workers=_copy_threads(), thread_name_prefix="ckptmgr-stage")
+        shares: List[List[Pair]] = [[] for _ in range(threads)]
         for i, pair in enumerate(pairs):
             shares[i % threads].append(pair)
 
-        def run(share: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+        def run(share: List[Pair]) -> None:
             for dst, src in share:
-                dst.copy_(src)
+                numpy.copyto(dst, src)
         for future in [self._pool.submit(run, share) for share in shares]:
             future.result()
 

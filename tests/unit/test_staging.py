@@ -1,4 +1,4 @@
-"""Staging for async saves: exact copies in reused buffers, copied on several threads when torch uses one."""
+"""Staging for async saves: exact copies in reused buffers, copied as raw bytes on several threads."""
 import collections
 
 import pytest
@@ -9,13 +9,9 @@ from ckptmgr.state.staging import StagingBuffers
 
 
 @pytest.fixture
-def one_torch_thread(monkeypatch):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def many_slices(monkeypatch):
     monkeypatch.setattr(staging, "SLICE", 256)             # many slices even for small tensors
     monkeypatch.setattr(staging, "_copy_threads", lambda: 3)
-    yield
-    torch.set_num_threads(before)
 
 
 def _tree():
@@ -23,7 +19,7 @@ def _tree():
     return {"model": collections.OrderedDict(w=torch.randn(100, 37), b=torch.randn(5)),
             "opt": {"state": {0: {"step": torch.tensor(3.0), "m": torch.randn(1000)}}, "lr": [0.1, (1, 2)]},
             "t": torch.randn(6, 4).t(),                     # not contiguous: copied on the caller's thread
-            "empty": torch.empty(0)}
+            "empty": torch.empty(0), "half": torch.randn(333).bfloat16(), "mask": torch.rand(77) > 0.5}
 
 
 def _same(a, b):
@@ -36,7 +32,7 @@ def _same(a, b):
     return a == b
 
 
-def test_parallel_staging_copies_exactly_and_reuses_its_buffers(one_torch_thread):
+def test_parallel_staging_copies_exactly_and_reuses_its_buffers(many_slices):
     buffers = StagingBuffers(pin_memory=False)
     tree = _tree()
     staged = buffers.stage_tree(tree)

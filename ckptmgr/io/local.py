@@ -111,6 +111,26 @@ class LocalStore(Store):
             raise
         fsync_dir(directory)
 
+    @contextlib.contextmanager
+    def write_unpublished(self, name: str) -> Iterator[IO[bytes]]:
+        path = self.path(name)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode filtered by the umask
+        except OSError as exc:
+            raise storage_error(path, exc) from exc
+        try:
+            with open_writeback(fd) as fh:
+                yield fh
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):
+                raise storage_error(path, exc) from exc
+            raise
+
     def exists(self, name: str = "") -> bool:
         return os.path.exists(self.path(name))
 

@@ -86,7 +86,9 @@ def run_concurrently(jobs: Mapping[str, Callable[[], Any]], name: str) -> Dict[s
 
 
 def _write(store: Store, name: str, fill: Callable[[HashingWriter], Any], checksum: str) -> FileEntry:
-    with store.atomic_write(name) as fh:
+    # The step is not visible until its commit, so its files need no atomicity of their own;
+    # the step format fsyncs the directory once after the last file.
+    with store.write_unpublished(name) as fh:
         writer = HashingWriter(fh, checksum)
         fill(writer)
     fault_point("save.after_data_file")

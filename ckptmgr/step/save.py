@@ -79,13 +79,15 @@ def save_step(store: Store, protocol: CommitProtocol, fmt: StepFormat, snapshot:
     committed = False
 
     def prepare() -> Any:
+        nonlocal plan
         if error is not None:
             raise error
         fault_point("save.prepare")
         if rank != 0:
             return {"step": step}
         before_prepare()
-        return {"step": step, "plan": protocol.prepare(step, force).to_json(), "checksum": checksum}
+        plan = protocol.prepare(step, force)  # aborted below if any rank fails, this agreement included
+        return {"step": step, "plan": plan.to_json(), "checksum": checksum}
 
     def write(plan: WritePlan, algorithm: str) -> Any:
         fault_point("save.write")

@@ -1,15 +1,16 @@
 """M3: what checkpointing costs a CPU training loop (torch.set_num_threads(1)), ckptmgr and dcp.async_save.
 
-The same loop runs without checkpoints, with ckptmgr sync saves, with ckptmgr
-async saves and with ``dcp.async_save``, a save every K steps. Every save has
-K training steps after it before the loop ends (a long run's saves are
-followed by training, not by the end of the job); the loop's time still ends
-only when its last checkpoint is durable, so nothing is left unfinished.
+One training loop runs in segments: a segment is a save (or none) followed by
+K training steps, and ends when that save is durable (an async save that is
+not done after K steps is waited for, as the next save's back-pressure would).
+That is what a long run with a save every K steps costs per save. Segments of
+the four variants (no save, ckptmgr sync, ckptmgr async, ``dcp.async_save``)
+are interleaved, A B C D A B C D ..., and each variant's median segment time
+is kept, so a noisy neighbour or a slow spell hits every variant alike.
 
 M3  (async - none) / (sync - none): the share of a sync save's cost an async save still costs the loop
     (async - none) / (dcp.async_save - none): ckptmgr's async overhead against DCP's, same loop
     (dcp.async_save - none) / (sync - none): DCP's async overhead, in units of a ckptmgr sync save
-Like ckptmgr's back-pressure, the loop waits for DCP's previous save before starting the next.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from peers import Peers  # noqa: E402
 import ckptmgr  # noqa: E402
 
 
-def run(state_mib: float, repeats: int, scratch: str, steps: int, every: int, batch: int) -> dict:
+def run(state_mib: float, repeats: int, scratch: str, every: int, batch: int) -> dict:
     torch.set_num_threads(1)
     model, opt, nbytes = make_state(state_mib)
     width = model[0].in_features
@@ -36,42 +37,41 @@ def run(state_mib: float, repeats: int, scratch: str, steps: int, every: int, ba
     }
     peers = Peers(model, opt, scratch, accelerate=False)
     counters = {"sync": 0, "async": 0, "dcp_async": 0}
-    saves = [step for step in range(every, steps - every + 1, every)]
 
-    def dcp_dir(n):
-        return os.path.join(scratch, f"dcp-{n}")
+    def train_step():
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
-    def loop(kind):
-        def train():
+    def segment(kind):
+        def steps():
             pending = None
-            for step in range(1, steps + 1):
-                loss = model(x).square().mean()
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if kind == "none" or step not in saves:
-                    continue
+            if kind == "dcp_async":
                 counters[kind] += 1
-                if kind == "dcp_async":
-                    if pending is not None:
-                        pending.result()
-                    pending = peers.dcp_async_save(dcp_dir(counters[kind]))
-                else:
-                    managers[kind].save(counters[kind], model=model, optimizer=opt)
+                pending = peers.dcp_async_save(os.path.join(scratch, f"dcp-{counters[kind]}"))
+            elif kind != "none":
+                counters[kind] += 1
+                managers[kind].save(counters[kind], model=model, optimizer=opt)
+            for _ in range(every):
+                train_step()
             if pending is not None:
                 pending.result()
             if kind == "async":
-                managers[kind].wait()  # the loop is not done until its last checkpoint is durable
+                managers[kind].wait()  # the segment ends when its checkpoint is durable
 
         def run_one():
-            seconds = timed(train)
+            seconds = timed(steps)
             for name in os.listdir(scratch):  # DCP's checkpoints: removed outside the clock
                 if name.startswith("dcp-"):
                     shutil.rmtree(os.path.join(scratch, name))
             return seconds
         return run_one
 
-    variants = {"none": loop("none"), "sync": loop("sync"), "async": loop("async"), "dcp_async": loop("dcp_async")}
+    variants = {"none": segment("none"), "sync": segment("sync"), "async": segment("async"),
+                "dcp_async": segment("dcp_async")}
+    for variant in variants.values():  # warm-up, not kept
+        variant()
     samples = interleave(variants, repeats)
     for manager in managers.values():
         manager.close()
@@ -80,8 +80,8 @@ def run(state_mib: float, repeats: int, scratch: str, steps: int, every: int, ba
     async_cost = med["async"] - med["none"]
     dcp_cost = med["dcp_async"] - med["none"]
     return {
-        "metric": "train_loop", "state_bytes": nbytes, "repeats": repeats, "steps": steps, "every": every,
-        "checkpoints_per_run": len(saves), "machine": machine(), "median_seconds": med, "samples": samples,
+        "metric": "train_loop", "state_bytes": nbytes, "repeats": repeats, "every": every,
+        "machine": machine(), "median_seconds": med, "samples": samples,
         "loop_overhead_seconds": {"sync": sync_cost, "async": async_cost, "dcp_async": dcp_cost},
         "M3_async_overhead_over_sync_overhead": async_cost / sync_cost if sync_cost > 0 else None,
         "M3_async_overhead_vs_dcp_async": async_cost / dcp_cost if dcp_cost > 0 else None,
@@ -91,12 +91,12 @@ def run(state_mib: float, repeats: int, scratch: str, steps: int, every: int, ba
 
 def main(argv=None) -> dict:
     parser = base_parser(__doc__)
-    parser.add_argument("--steps", type=int, default=40, help="training steps per loop")
-    parser.add_argument("--every", type=int, default=10, help="a save every this many steps (not at the last step)")
+    parser.set_defaults(repeats=9)
+    parser.add_argument("--every", type=int, default=10, help="training steps after each save (one segment)")
     parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args(argv)
-    return run_in_scratch("loop", args, lambda scratch: run(args.state_mib, args.repeats, scratch, args.steps,
-                                                             args.every, args.batch))
+    return run_in_scratch("loop", args, lambda scratch: run(args.state_mib, args.repeats, scratch, args.every,
+                                                             args.batch))
 
 
 if __name__ == "__main__":

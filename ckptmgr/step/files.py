@@ -39,7 +39,7 @@ __all__ = ["WORKERS", "write_component", "write_model", "read_component", "read_
 
 WORKERS = max(2, min(4, os.cpu_count() or 2))  # files of one step written or read at once
 Tensors = Optional[Mapping[str, torch.Tensor]]
-_limit = threading.local()  # .workers: a lower bound set by spare_cores() for the calling thread
+_limit = threading.local()  # .workers: how many threads spare_cores() lets the calling thread use
 
 
 def _usable_cpus() -> int:
@@ -67,14 +67,16 @@ def spare_cores() -> Iterator[int]:
         _limit.workers = previous
 
 
-def run_concurrently(jobs: Mapping[str, Callable[[], Any]], name: str) -> Dict[str, Any]:
+def run_concurrently(jobs: Mapping[str, Callable[[], Any]], name: str, cpu_bound: bool = True) -> Dict[str, Any]:
     """Run independent jobs (one per file) on a few threads; every job finishes before this returns.
 
     The model and the optimizer moments are the big files, so writing (or
-    reading and hashing) them at once uses more than one core or connection
-    (fewer inside :func:`spare_cores`). The first exception is raised after all jobs ended.
+    reading and hashing) them at once uses more than one core or connection.
+    Inside :func:`spare_cores`, ``cpu_bound`` jobs (local files) get fewer
+    threads; uploads, which mostly wait on the network, keep them all. The first
+    exception is raised after all jobs ended (on one thread: at once).
     """
-    workers = getattr(_limit, "workers", None) or WORKERS
+    workers = (getattr(_limit, "workers", None) if cpu_bound else None) or WORKERS
     if workers == 1 or len(jobs) == 1:
         return {key: job() for key, job in jobs.items()}
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) as pool:

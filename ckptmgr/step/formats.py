@@ -86,7 +86,7 @@ class StepFormat:
                                                    prefix=prefix, checksum=checksum)
         jobs["rng"] = functools.partial(write_component, store, f"rng-rank{rank:05d}", snapshot.rng, prefix=prefix,
                                         checksum=checksum)
-        done = run_concurrently(jobs, "ckptmgr-write")
+        done = run_concurrently(jobs, "ckptmgr-write", cpu_bound=store.is_local)
         rng_name, rng_entry = done.pop("rng")
         files = dict(done.values())
         files[rng_name] = rng_entry

@@ -91,8 +91,7 @@ def run(state_mib: float, repeats: int, scratch: str, every: int, batch: int) ->
 
 def main(argv=None) -> dict:
     parser = base_parser(__doc__)
-    parser.set_defaults(repeats=9)
-    parser.add_argument("--every", type=int, default=10, help="training steps after each save (one segment)")
+    parser.add_argument("--every", type=int, default=8, help="training steps after each save (one segment)")
     parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args(argv)
     return run_in_scratch("loop", args, lambda scratch: run(args.state_mib, args.repeats, scratch, args.every,

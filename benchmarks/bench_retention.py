@@ -1,9 +1,12 @@
 """Retention scaling: what a save costs with N committed checkpoints in the directory against with 1.
 
-Two directories hold committed checkpoints kept by ``keep_every_n_steps``: N
-in one, 1 in the other. Both managers use ``max_to_keep=1`` on top, so every
-timed save also uncommits the previous timed one: the figure covers listing,
-the retention policy over N steps and the delete, as a real run would see them.
+Directories hold committed checkpoints kept by ``keep_every_n_steps``: N in
+one, 1 in the other (a pair for the benchmark's state, a pair for a tiny
+model). Every manager uses ``max_to_keep=1`` on top, so each timed save also
+uncommits the previous timed one: the figure covers listing, the retention
+policy over N steps and the delete, as a real run would see them. The space
+of deleted steps is freed in the background after a save returns; that is
+let finish, for every manager, before the next timed save.
 
 retention_scaling       save time with N checkpoints / with 1, saving the benchmark's state
                         (``--state-mib``, the size of a real save)
@@ -52,12 +55,12 @@ def run(count: int, repeats: int, scratch: str, state_mib: float) -> dict:
     tiny = nn.Linear(64, 64)
     tiny_opt = torch.optim.AdamW(tiny.parameters())
     managers = {}
-    for name, n in (("full", count), ("one", 1)):
-        fill(os.path.join(scratch, name), n)
+    for name in ("full", "one", "full_tiny", "one_tiny"):
+        fill(os.path.join(scratch, name), count if name.startswith("full") else 1)
         # fresh managers, as a restarted job would open them
         managers[name] = ckptmgr.CheckpointManager(os.path.join(scratch, name), max_to_keep=1,
                                                    keep_every_n_steps=EVERY)
-    steps = {"full": 1, "one": 1}
+    steps = {name: 1 for name in managers}
 
     def saver(name, net, optimizer):
         def save():
@@ -66,11 +69,18 @@ def run(count: int, repeats: int, scratch: str, state_mib: float) -> dict:
             return timed(lambda: managers[name].save(step, model=net, optimizer=optimizer))
         return save
 
+    def quiet():
+        # Each save's retention frees the previous step's space in the background; let every manager's
+        # finish outside the clock, so one directory's delete never lands in another's measured save.
+        for manager in managers.values():
+            manager._reclaimer.wait()
+
     variants = {"one": saver("one", model, opt), "full": saver("full", model, opt),
-                "one_tiny": saver("one", tiny, tiny_opt), "full_tiny": saver("full", tiny, tiny_opt)}
+                "one_tiny": saver("one_tiny", tiny, tiny_opt), "full_tiny": saver("full_tiny", tiny, tiny_opt)}
     for variant in variants.values():  # warm-up: the first save lists the directory and removes leftovers
+        quiet()
         variant()
-    samples = interleave(variants, repeats)
+    samples = interleave(variants, repeats, setup=quiet)
     listed = {name: len(manager.all_steps()) for name, manager in managers.items()}
     for manager in managers.values():
         manager.close()

@@ -5,8 +5,9 @@ K training steps, and ends when that save is durable (an async save that is
 not done after K steps is waited for, as the next save's back-pressure would).
 That is what a long run with a save every K steps costs per save. Segments of
 the four variants (no save, ckptmgr sync, ckptmgr async, ``dcp.async_save``)
-are interleaved, A B C D A B C D ..., and each variant's median segment time
-is kept, so a noisy neighbour or a slow spell hits every variant alike.
+are interleaved, A B C D A B C D ..., and a variant's cost is the median over
+rounds of its segment time minus the no-save segment of the same round, so a
+noisy neighbour or a slow spell hits every variant alike.
 
 M3  (async - none) / (sync - none): the share of a sync save's cost an async save still costs the loop
     (async - none) / (dcp.async_save - none): ckptmgr's async overhead against DCP's, same loop
@@ -76,9 +77,12 @@ def run(state_mib: float, repeats: int, scratch: str, every: int, batch: int) ->
     for manager in managers.values():
         manager.close()
     med = {name: median(values) for name, values in samples.items()}
-    sync_cost = med["sync"] - med["none"]
-    async_cost = med["async"] - med["none"]
-    dcp_cost = med["dcp_async"] - med["none"]
+
+    def cost(name):
+        # Median of the per-round differences: each round's segments ran back to back, so a slow spell
+        # (step times drift 2x on a shared VM) cancels within the round instead of swamping the medians.
+        return median([a - b for a, b in zip(samples[name], samples["none"])])
+    sync_cost, async_cost, dcp_cost = cost("sync"), cost("async"), cost("dcp_async")
     return {
         "metric": "train_loop", "state_bytes": nbytes, "repeats": repeats, "every": every,
         "machine": machine(), "median_seconds": med, "samples": samples,
@@ -91,7 +95,10 @@ def run(state_mib: float, repeats: int, scratch: str, every: int, batch: int) ->
 
 def main(argv=None) -> dict:
     parser = base_parser(__doc__)
-    parser.add_argument("--every", type=int, default=8, help="training steps after each save (one segment)")
+    # Short segments, many of them: step times drift (2x over minutes on a shared VM), and a drift hits
+    # interleaved short segments of every variant alike.
+    parser.set_defaults(repeats=9)
+    parser.add_argument("--every", type=int, default=4, help="training steps after each save (one segment)")
     parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args(argv)
     return run_in_scratch("loop", args, lambda scratch: run(args.state_mib, args.repeats, scratch, args.every,

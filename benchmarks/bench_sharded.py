@@ -8,7 +8,7 @@ plain replicated copy. Interleaved, it times
     unsharded CheckpointManager(sharded=False) save / restore of the plain model (rank 0 writes it all)
 
 and reports throughput ratios (unsharded time / sharded time; above 1: sharded is
-faster). Both paths are durable (fsync) and restores verify sha256. On a machine
+faster). Both paths are durable (fsync) and restores verify every checksum. On a machine
 with fewer cores than ranks the ranks share cores, so the figures are "info":
 they show the cost of the sharded path here, not its scaling on a cluster.
 """

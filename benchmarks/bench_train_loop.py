@@ -1,21 +1,33 @@
-"""M3: what checkpointing costs a CPU training loop (torch.set_num_threads(1)).
+"""M3: what checkpointing costs a CPU training loop (torch.set_num_threads(1)), ckptmgr and dcp.async_save.
 
-The same loop runs without checkpoints, with sync checkpoints and with async
-checkpoints every K steps; M3 = (async - none) / (sync - none).
+One training loop runs in segments: a segment is a save (or none) followed by
+K training steps, and ends when that save is durable (an async save that is
+not done after K steps is waited for, as the next save's back-pressure would).
+That is what a long run with a save every K steps costs per save. Segments of
+the four variants (no save, ckptmgr sync, ckptmgr async, ``dcp.async_save``)
+are interleaved, A B C D A B C D ..., and a variant's cost is the median over
+rounds of its segment time minus the no-save segment of the same round, so a
+noisy neighbour or a slow spell hits every variant alike.
+
+M3  (async - none) / (sync - none): the share of a sync save's cost an async save still costs the loop
+    (async - none) / (dcp.async_save - none): ckptmgr's async overhead against DCP's, same loop
+    (dcp.async_save - none) / (sync - none): DCP's async overhead, in units of a ckptmgr sync save
 """
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from common import base_parser, interleave, machine, make_state, median, run_in_scratch, timed  # noqa: E402
+from peers import Peers  # noqa: E402
 
 import ckptmgr  # noqa: E402
 
 
-def run(state_mib: float, repeats: int, scratch: str, steps: int, every: int, batch: int) -> dict:
+def run(state_mib: float, repeats: int, scratch: str, every: int, batch: int) -> dict:
     torch.set_num_threads(1)
     model, opt, nbytes = make_state(state_mib)
     width = model[0].in_features
@@ -24,42 +36,73 @@ def run(state_mib: float, repeats: int, scratch: str, steps: int, every: int, ba
         "sync": ckptmgr.CheckpointManager(os.path.join(scratch, "sync"), max_to_keep=1),
         "async": ckptmgr.CheckpointManager(os.path.join(scratch, "async"), max_to_keep=1, async_save=True),
     }
-    counters = {"sync": 0, "async": 0}
+    peers = Peers(model, opt, scratch, accelerate=False)
+    counters = {"sync": 0, "async": 0, "dcp_async": 0}
 
-    def loop(kind):
-        def train():
-            for step in range(1, steps + 1):
-                loss = model(x).square().mean()
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if kind != "none" and step % every == 0:
-                    counters[kind] += 1
-                    managers[kind].save(counters[kind], model=model, optimizer=opt)
+    def train_step():
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def segment(kind):
+        def steps():
+            pending = None
+            if kind == "dcp_async":
+                counters[kind] += 1
+                pending = peers.dcp_async_save(os.path.join(scratch, f"dcp-{counters[kind]}"))
+            elif kind != "none":
+                counters[kind] += 1
+                managers[kind].save(counters[kind], model=model, optimizer=opt)
+            for _ in range(every):
+                train_step()
+            if pending is not None:
+                pending.result()
             if kind == "async":
-                managers[kind].wait()  # the loop is not done until its last checkpoint is durable
-        return lambda: timed(train)
+                managers[kind].wait()  # the segment ends when its checkpoint is durable
 
-    samples = interleave({"none": loop("none"), "sync": loop("sync"), "async": loop("async")}, repeats)
+        def run_one():
+            seconds = timed(steps)
+            for name in os.listdir(scratch):  # DCP's checkpoints: removed outside the clock
+                if name.startswith("dcp-"):
+                    shutil.rmtree(os.path.join(scratch, name))
+            return seconds
+        return run_one
+
+    variants = {"none": segment("none"), "sync": segment("sync"), "async": segment("async"),
+                "dcp_async": segment("dcp_async")}
+    for variant in variants.values():  # warm-up, not kept
+        variant()
+    samples = interleave(variants, repeats)
     for manager in managers.values():
         manager.close()
     med = {name: median(values) for name, values in samples.items()}
-    sync_cost = med["sync"] - med["none"]
+
+    def cost(name):
+        # Median of the per-round differences: each round's segments ran back to back, so a slow spell
+        # (step times drift 2x on a shared VM) cancels within the round instead of swamping the medians.
+        return median([a - b for a, b in zip(samples[name], samples["none"])])
+    sync_cost, async_cost, dcp_cost = cost("sync"), cost("async"), cost("dcp_async")
     return {
-        "metric": "train_loop", "state_bytes": nbytes, "repeats": repeats, "steps": steps, "every": every,
-        "checkpoints_per_run": steps // every, "machine": machine(), "median_seconds": med, "samples": samples,
-        "M3_async_overhead_over_sync_overhead": (med["async"] - med["none"]) / sync_cost if sync_cost > 0 else None,
+        "metric": "train_loop", "state_bytes": nbytes, "repeats": repeats, "every": every,
+        "machine": machine(), "median_seconds": med, "samples": samples,
+        "loop_overhead_seconds": {"sync": sync_cost, "async": async_cost, "dcp_async": dcp_cost},
+        "M3_async_overhead_over_sync_overhead": async_cost / sync_cost if sync_cost > 0 else None,
+        "M3_async_overhead_vs_dcp_async": async_cost / dcp_cost if dcp_cost > 0 else None,
+        "M3_dcp_async_overhead_over_sync_overhead": dcp_cost / sync_cost if sync_cost > 0 else None,
     }
 
 
 def main(argv=None) -> dict:
     parser = base_parser(__doc__)
-    parser.add_argument("--steps", type=int, default=15)
-    parser.add_argument("--every", type=int, default=5)
+    # Short segments, many of them: step times drift (2x over minutes on a shared VM), and a drift hits
+    # interleaved short segments of every variant alike.
+    parser.set_defaults(repeats=9)
+    parser.add_argument("--every", type=int, default=4, help="training steps after each save (one segment)")
     parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args(argv)
-    return run_in_scratch("loop", args, lambda scratch: run(args.state_mib, args.repeats, scratch, args.steps,
-                                                             args.every, args.batch))
+    return run_in_scratch("loop", args, lambda scratch: run(args.state_mib, args.repeats, scratch, args.every,
+                                                             args.batch))
 
 
 if __name__ == "__main__":

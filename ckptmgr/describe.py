@@ -110,7 +110,7 @@ def _describe_step(uri: str, limit: Optional[int]) -> Dict[str, Any]:
         return None if file is None else read_component(root, manifest, file, True, "cpu")
     schedulers, extra = component("scheduler"), component("extra")
     return {"source": root.root, "kind": "manager checkpoint", "step": loaded["step"], "time": manifest.time,
-            "world_size": manifest.world_size, "metrics": manifest.metrics,
+            "world_size": manifest.world_size, "metrics": manifest.metrics, "checksum": manifest.checksum,
             "files": {n: e.size for n, e in sorted(manifest.files.items())}, "meta": jsonable(loaded["meta"]),
             "state_dict": None if loaded["state_dict"] is None else _tensor_table(loaded["state_dict"], limit),
             "models": None if loaded["state_dict"] is not None else {

@@ -192,14 +192,15 @@ def check_step(step_uri: Any, storage_options: Options = None, signing_key: Opti
         try:
             store.check_inside(name)
             with store.open_read(name) as fh:
-                got = HashingReader(fh).finish()
+                got = HashingReader(fh, manifest.checksum).finish()
         except CheckpointError as exc:
             problems.append(f"{name}: cannot be read ({exc.message})")
             continue
         if got.size != want.size:
             problems.append(f"{name}: {got.size} bytes, the manifest recorded {want.size}")
-        elif got.sha256 != want.sha256:
-            problems.append(f"{name}: sha256 {got.sha256[:16]}... differs from the manifest's {want.sha256[:16]}...")
+        elif got.digest != want.digest:
+            problems.append(f"{name}: {manifest.checksum} {got.digest[:16]}... differs from the manifest's "
+                            f"{want.digest[:16]}...")
     return StepCheck(store.root, manifest, problems, signed_by=signed_by)
 
 
@@ -234,7 +235,7 @@ def verify(uri: str, storage_options: Options = None, signing_key: Optional[Sign
                                     "nothing to check it against",
                                     "verify takes a manager or step directory, or a NAME-<sha256[:8]>.pth file")
     with store.open_read() as fh:
-        digest = HashingReader(fh).finish().sha256
+        digest = HashingReader(fh, "sha256").finish().digest
     problem = [] if digest.startswith(prefix) else [f"sha256 {digest[:16]}... does not start with {prefix}, "
                                                      "the hash in the file name"]
     return [StepCheck(uri, None, problem, "file")]

@@ -22,7 +22,7 @@ from .advice import SaveAdvice
 from .errors import CheckpointError
 from .faults import fault_point
 from .format.maplocation import MapLocation
-from .format.signing import load_key
+from .format.signing import load_key, signed_checksum
 from .io.access import open_store
 from .io.store import Options, Store
 from .keeping import Keeping
@@ -66,9 +66,8 @@ class CheckpointManager:
     timeout of :func:`ckptmgr.distributed.default_timeout`). A local directory must
     be on a filesystem every node shares; with node-local disks, add ``local_dir``.
 
-    One manager (one job) writes to a directory at a time: a save removes the
-    temporary directories that crashed saves left there, and its listing cache
-    assumes nobody else commits or deletes steps meanwhile.
+    One manager (one job) writes to a directory at a time: its first save removes the temporary directories
+    that crashed saves left there, and its listing cache assumes nobody else commits or deletes steps meanwhile.
 
     Args:
         directory: Local path or fsspec URL (``s3://bucket/run1``).
@@ -103,9 +102,13 @@ class CheckpointManager:
             file path; None: ``CKPTMGR_SIGNING_KEY`` if set; False: no key.
         local_dir, local_max_to_keep: A path on each node's own disk where saves commit first (then upload to
             ``directory``), and the local copies of persistent steps each node keeps (:mod:`ckptmgr.step.tiers`).
+        checksum: Per-file checksum, verified on restore: ``'xxh3'`` (XXH3-128, at memory speed; the default
+            without a signing key) or ``'sha256'`` (as ckptmgr 0.1; always with a signing key). Restores use the
+            one a manifest names.
 
     Raises:
-        ValueError: an argument is out of range (see :func:`ckptmgr.retention.build_policy`), or the key is short.
+        ValueError: an argument is out of range (see :func:`ckptmgr.retention.build_policy`), the key is
+            short, or ``checksum`` is not ``'xxh3'`` or ``'sha256'`` (or not sha256 with a signing key).
         UnknownSchemeError: ``directory`` is a URL of a protocol fsspec does not know.
     """
 
@@ -114,7 +117,8 @@ class CheckpointManager:
                  best_metric: Optional[str] = None, best_mode: str = "min", keep_best: int = 0,
                  async_save: bool = False, storage_options: Options = None, sharded: Any = "auto",
                  save_frozen: bool = True, init_from: Any = None, init_revise_keys: Any = DEFAULT_REVISE_KEYS,
-                 signing_key: Any = None, local_dir: Any = None, local_max_to_keep: int = 1) -> None:
+                 signing_key: Any = None, local_dir: Any = None, local_max_to_keep: int = 1,
+                 checksum: Optional[str] = None) -> None:
         self.store: Store = open_store(os.fspath(directory), storage_options)
         self.directory: str = self.store.root
         self._advice = SaveAdvice(self.store.root)
@@ -122,6 +126,7 @@ class CheckpointManager:
         self.formats = Formats(sharded, save_frozen)
         self.init_from = None if init_from is None else WarmStart.of(init_from, init_revise_keys, storage_options)
         self.signing_key = load_key(signing_key)
+        self.checksum = signed_checksum(checksum, self.signing_key is not None)
         if self.signing_key is not None and local_dir is not None:
             raise ValueError("signing_key and local_dir cannot be used together yet (tiered steps are not signed); "
                              "drop one of them (unset CKPTMGR_SIGNING_KEY for a tiered run)")
@@ -141,10 +146,11 @@ class CheckpointManager:
         self._restored_step: Optional[int] = None
         self._owner = DirectoryOwner(self.store)  # claimed at the first save, never by reads
         self._closed = False
+        self._tidied = False  # the first save lists the directory and removes leftovers
         self._tiers = None if local_dir is None else TieredSteps(Persistent(  # constructing it is a collective
             self.store, self._protocol, self.index, self._index_lock, self._owner, self._prepare_directory,
-            lambda infos, protected=(): steps_to_delete(infos, self.keeping.policy, protected), self._reclaimer),
-            local_dir, local_max_to_keep)
+            lambda infos, protected=(): steps_to_delete(infos, self.keeping.policy, protected), self._reclaimer,
+            self.checksum), local_dir, local_max_to_keep)
 
     # ------------------------------------------------------------------ listing
 
@@ -154,9 +160,7 @@ class CheckpointManager:
     def all_steps(self) -> List[int]:
         """Committed steps (manifest present and self-consistent), oldest first.
 
-        One directory listing per call; manifests are read once per step and
-        cached. Not a collective: any rank may call it (only ``save`` and
-        ``restore`` must be called on every rank).
+        One listing per call; manifests are read once per step and cached. Not a collective: any rank may call it.
         """
         with self._index_lock:
             steps = list(self.index.refresh())
@@ -182,9 +186,8 @@ class CheckpointManager:
              force: bool = False, rank_state: Any = None) -> str:
         """Write a checkpoint for ``step`` and commit it; then apply retention.
 
-        Retention uncommits the steps it drops before ``save`` returns (they
-        vanish from every listing at once); freeing their files' space runs in
-        the background and is finished by the next ``save`` or :meth:`close`.
+        Retention uncommits the steps it drops before ``save`` returns (they vanish from every listing at
+        once); freeing their files' space runs in the background, finished by the next ``save`` or :meth:`close`.
 
         Args:
             step: Training step (int >= 0); the directory is ``step_%08d``.
@@ -248,7 +251,7 @@ class CheckpointManager:
             final, manifest = save_step(self.store, self._protocol, fmt, snapshot, error=error, force=force,
                                         group=group, before_prepare=lambda: self._prepare_directory(snapshot.step),
                                         before_commit=self._owner.check, signing_key=self.signing_key,
-                                        retention=self.keeping.record)
+                                        retention=self.keeping.record, checksum=self.checksum)
         if manifest is not None:  # rank 0
             with self._index_lock:
                 self.index.add(snapshot.step, manifest.metrics, manifest.time, manifest.retention)
@@ -259,12 +262,18 @@ class CheckpointManager:
         return self.store.uri(final)
 
     def _prepare_directory(self, step: Optional[int] = None) -> None:
-        """Rank 0, before a save's plan: claim the directory and remove crashed saves' leftovers (but ``step``'s)."""
+        """Rank 0, before a save's plan: claim the directory; the first save lists it and removes leftovers.
+
+        Later saves need no listing (a failed save removes what it wrote; the claim keeps other jobs out; the
+        index records commits and deletes), so a save costs the same with 1 or 1000 steps. ``step``'s own
+        leftovers stay: another job may be about to commit it (see :mod:`ckptmgr.step.commit`)."""
         self._reclaimer.wait()  # the previous retention's deletes are finished before we list
         self._owner.claim()  # before cleaning: never tidy away another job's in-flight save
-        with self._index_lock:  # nor what another job writes for this very step (it may commit first)
-            self.index.refresh()
-            self._protocol.clean_leftovers(self.index.names, [s for s in self.index.uncommitted if s != step])
+        with self._index_lock:
+            if not self._tidied:
+                self.index.refresh()
+                self._protocol.clean_leftovers(self.index.names, [s for s in self.index.uncommitted if s != step])
+                self._tidied = True
         self.keeping.resolve()  # the first save decides the retention settings from this listing
         if step is not None:
             self._advice.step_order(step, max(self.index.known(), default=None))
@@ -276,8 +285,7 @@ class CheckpointManager:
         if reclaims:
             with self._index_lock:
                 logger.info("retention keeps %s", kept_summary(policy, list(self.index.known().values())))
-            # The dropped steps are uncommitted already; freeing their blocks can happen
-            # after save() returns. The next save (and close) waits for it first.
+            # The dropped steps are uncommitted already; freeing their blocks can wait (the next save/close waits)
             self._reclaimer.submit(lambda: run_reclaims(reclaims), what="deleting the checkpoints retention dropped")
 
     # ------------------------------------------------------------------ restore
@@ -352,8 +360,7 @@ class CheckpointManager:
     def wait(self) -> None:
         """Block until the pending async save (if any) is committed (and uploaded) and retention applied.
 
-        Space of the steps retention dropped may still be being freed; the next
-        ``save`` and :meth:`close` wait for that too.
+        Space of the steps retention dropped may still be being freed; the next ``save`` and :meth:`close` wait.
 
         Raises:
             CheckpointError, StorageError, DistributedError, ...: what the background save raised.

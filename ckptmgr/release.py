@@ -107,12 +107,12 @@ def publish(src: str, dst_dir: str, *, name: str = "", trust_pickle: bool = Fals
         write_checkpoint_file(tmp, "torch", {"meta": plain_meta(meta), "state_dict": dict(weights)})
         tmp.flush()
         tmp.seek(0)
-        entry = HashingReader(tmp).finish()
-        final = join(dst_dir.rstrip("/") or dst_dir, f"{name}-{entry.sha256[:8]}.pth")
+        entry = HashingReader(tmp, "sha256").finish()  # torch.hub's convention: sha256, whatever the manifests use
+        final = join(dst_dir.rstrip("/") or dst_dir, f"{name}-{entry.digest[:8]}.pth")
         open_store(dst_dir, storage_options).makedirs()
         tmp.seek(0)
         with atomic_write(final, storage_options) as out:
             shutil.copyfileobj(tmp, out, 4 << 20)
-    return Written(final, entry.size, len(weights), entry.sha256)
+    return Written(final, entry.size, len(weights), entry.digest)
 
 

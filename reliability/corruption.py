@@ -20,12 +20,13 @@ import shutil
 import signal
 import struct
 import tempfile
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 import ckptmgr
 from ckptmgr import CheckpointManager
+from ckptmgr.format.manifest import Manifest
 from reliability.common import Tally, expect_typed, small_model
 
 LIMIT_S = 30
@@ -35,14 +36,14 @@ def _alarm(signum: int, frame: Any) -> None:
     raise TimeoutError(f"no answer within {LIMIT_S} s")
 
 
-def _build(root: str) -> Dict[str, str]:
-    """A committed step 1 and two single files; returns kind -> path."""
+def _build(root: str, checksum: Optional[str]) -> Dict[str, str]:
+    """A committed step 1 (``checksum``; None: the manager's default) and two single files; returns kind -> path."""
     model = small_model()
     opt = torch.optim.Adam(model.parameters())
     model(torch.randn(4, 16)).sum().backward()
     opt.step()
     run = os.path.join(root, "run")
-    with CheckpointManager(run) as mgr:
+    with CheckpointManager(run, **({"checksum": checksum} if checksum else {})) as mgr:
         mgr.save(1, model=model, optimizer=opt, extra={"epoch": 3, "t": torch.arange(4)}, meta={"note": "x"})
     step = os.path.join(run, "step_00000001")
     kinds = {"manifest": "manifest.json", "weights": "model.safetensors", "optimizer": "optimizer.safetensors",
@@ -85,16 +86,22 @@ def _load(kind: str, path: str, run: str, verify: bool) -> Callable[[], Any]:
     return lambda: CheckpointManager(run, max_to_keep=None).restore(1, model=model, optimizer=opt, verify=verify)
 
 
-def run_corruption(offsets: int, flips: int, seed: int = 0) -> Tally:
-    """Every damage of every kind; ``offsets`` random truncations and ``flips`` bit flips per kind."""
+def run_corruption(offsets: int, flips: int, seed: int = 0, checksum: Optional[str] = None) -> Tally:
+    """Every damage of every kind; ``offsets`` random truncations and ``flips`` bit flips per kind.
+
+    ``checksum`` picks the manager's file checksum (None: its default); the
+    tally's figures name the one the step's manifest recorded.
+    """
     tally = Tally("corruption of every file kind")
     rng = random.Random(seed)
     silent: Dict[str, int] = {}
     previous = signal.signal(signal.SIGALRM, _alarm)
     try:
         with tempfile.TemporaryDirectory() as root:
-            paths = _build(root)
+            paths = _build(root, checksum)
             run = os.path.join(root, "run")
+            with open(paths["manifest"], "rb") as fh:
+                tally.figures["manager checksum"] = Manifest.from_bytes(fh.read()).checksum
             for kind, path in paths.items():
                 with open(path, "rb") as fh:
                     pristine = fh.read()

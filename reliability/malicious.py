@@ -96,7 +96,7 @@ def _manifest_cases(root: str) -> List[Tuple[str, Callable[[], Any]]]:
             files = dict(good.files)
             files[name] = files.pop("model.safetensors")
             comps = dict(good.components, model=name)
-            raw = Manifest(1, files, comps, world_size=1).to_bytes()
+            raw = Manifest(1, files, comps, world_size=1, checksum=good.checksum).to_bytes()
             with open(os.path.join(d, "step_00000001", "manifest.json"), "wb") as fh:
                 fh.write(raw)
             return CheckpointManager(d).restore(1, model=small_model(1))

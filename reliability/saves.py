@@ -9,8 +9,9 @@ latest after the next, successful save).
   before the manifest;
 * a real ``RLIMIT_FSIZE`` in a child process (SIGXFSZ ignored, so ``write``
   fails with EFBIG), at several limits;
-* ENOSPC raised by the file object a local store's ``atomic_write`` yields, after a
-  random number of bytes of the save.
+* ENOSPC raised by the file objects a local store's ``atomic_write`` (the
+  manifest) and ``write_unpublished`` (the data files) yield, after a random
+  number of bytes of the save.
 """
 from __future__ import annotations
 
@@ -178,19 +179,23 @@ class _FullDisk:
 
 @contextlib.contextmanager
 def disk_fills_after(budget: int):
-    """Patch local stores' atomic_write so writes fail with ENOSPC after ``budget`` bytes."""
-    real = LocalStore.atomic_write
+    """Patch local stores' file writers so writes fail with ENOSPC after ``budget`` bytes in total."""
     left = [budget]
+    real = {name: getattr(LocalStore, name) for name in ("atomic_write", "write_unpublished")}
 
-    @contextlib.contextmanager
-    def wrapped(self: LocalStore, name: str = ""):
-        with real(self, name) as fh:
-            yield _FullDisk(fh, left)
-    LocalStore.atomic_write = wrapped  # type: ignore[method-assign]
+    def patched(opener: Any) -> Any:
+        @contextlib.contextmanager
+        def wrapped(self: LocalStore, name: str = ""):
+            with opener(self, name) as fh:
+                yield _FullDisk(fh, left)
+        return wrapped
+    for name, opener in real.items():
+        setattr(LocalStore, name, patched(opener))
     try:
         yield
     finally:
-        LocalStore.atomic_write = real  # type: ignore[method-assign]
+        for name, opener in real.items():
+            setattr(LocalStore, name, opener)
 
 
 def run_enospc(n: int, seed: int = 0) -> Tally:

@@ -2,8 +2,10 @@
 
 A CheckpointManager checkpoint is a directory ``step_00000100/`` (a prefix on
 object stores) holding data files and, written last, ``manifest.json``: the
-step, the size and checksum of every data file, the metrics, and which file
-holds which component. A checkpoint exists for readers only when its manifest
+step, the size and checksum of every data file (the algorithm named at the top,
+``"checksum"``, and as the key of each entry; a manifest without that key is
+sha256, as ckptmgr 0.1 wrote), the metrics, and which file holds which
+component. A checkpoint exists for readers only when its manifest
 parses and its own checksum matches, so a torn, half-deleted or bit-flipped
 checkpoint is never mistaken for a good one. This module owns that format and
 the comparisons of files against it; where the manifest is written is the
@@ -20,17 +22,28 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from ..errors import CheckpointFormatError, ChecksumError, CorruptCheckpointError
 from ..io.store import Store
-from .checksum import FileEntry, HashingReader
+from .checksum import CHECKSUMS, FileEntry, HashingReader, hex_digits
 
-__all__ = ["MANIFEST_NAME", "FORMAT", "FORMAT_VERSION", "FileEntry", "Manifest", "check_sizes", "compare",
-           "verify_file"]
+__all__ = ["MANIFEST_NAME", "FORMAT", "FORMAT_VERSION", "FileEntry", "Manifest", "version_for", "check_sizes",
+           "compare", "verify_file"]
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "ckptmgr.checkpoint"
-FORMAT_VERSION = 1
+#: The newest layout this code reads. Version 1 (ckptmgr 0.1): sha256 only; version 2: the checksum is named.
+FORMAT_VERSION = 2
 
 _FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)?$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX = re.compile(r"^[0-9a-f]+$")
+
+
+def version_for(checksum: str) -> int:
+    """The lowest format version that can record files hashed with ``checksum``.
+
+    sha256 manifests stay version 1, byte for byte the layout ckptmgr 0.1
+    wrote; any other checksum needs version 2, which 0.1 refuses with
+    "upgrade ckptmgr" (it could not verify the files).
+    """
+    return 1 if checksum == "sha256" else 2
 
 
 
@@ -46,7 +59,9 @@ class Manifest:
         metrics: JSON metrics given to ``save``.
         world_size: Number of ranks that wrote the checkpoint.
         time: ISO-8601 UTC time of the commit.
-        format_version: Layout version (readers refuse newer ones).
+        checksum: The algorithm of every file's digest (``'xxh3'`` or ``'sha256'``).
+        format_version: Layout version (readers refuse newer ones); 0 picks
+            the lowest one that can record ``checksum`` (:func:`version_for`).
         signature: ``{'algorithm', 'key_id', 'hmac'}`` of a signed manifest
             (see :mod:`ckptmgr.format.signing`), None when unsigned.
         raw: The JSON fields it was parsed from, unknown ones included (None
@@ -63,18 +78,25 @@ class Manifest:
     metrics: Dict[str, Any] = field(default_factory=dict)
     world_size: int = 1
     time: str = ""
-    format_version: int = FORMAT_VERSION
+    checksum: str = "sha256"
+    format_version: int = 0
     signature: Optional[Dict[str, str]] = None
     raw: Optional[Dict[str, Any]] = field(default=None, repr=False, compare=False)
     retention: Optional[Dict[str, Any]] = None
+
+    def __post_init__(self) -> None:
+        if not self.format_version:
+            self.format_version = version_for(self.checksum)
 
     def _body(self) -> Dict[str, Any]:
         body = {
             "format": FORMAT, "format_version": self.format_version, "step": self.step,
             "time": self.time, "world_size": self.world_size, "metrics": self.metrics,
             "components": self.components,
-            "files": {name: {"size": e.size, "sha256": e.sha256} for name, e in sorted(self.files.items())},
+            "files": {name: {"size": e.size, self.checksum: e.digest} for name, e in sorted(self.files.items())},
         }
+        if self.checksum != "sha256":  # absent means sha256: a sha256 manifest is laid out as 0.1 wrote it
+            body["checksum"] = self.checksum
         if self.retention is not None:  # an optional field: older readers ignore it, older manifests lack it
             body["retention"] = self.retention
         if self.signature is not None:  # unsigned manifests stay byte for byte what earlier versions wrote
@@ -114,17 +136,23 @@ class Manifest:
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise CheckpointFormatError(f"{source} has format version {version!r}; this ckptmgr reads up to "
                                         f"{FORMAT_VERSION}", "upgrade ckptmgr to read this checkpoint")
+        checksum = body.get("checksum", "sha256")
+        if checksum not in CHECKSUMS:
+            raise CheckpointFormatError(f"{source} uses the checksum {checksum!r}; this ckptmgr knows "
+                                        f"{', '.join(CHECKSUMS)}", "upgrade ckptmgr to read this checkpoint")
         try:
-            files = {str(n): FileEntry(int(e["size"]), str(e["sha256"])) for n, e in body["files"].items()}
+            files = {str(n): FileEntry(int(e["size"]), str(e[checksum])) for n, e in body["files"].items()}
             manifest = cls(step=int(body["step"]), files=files, components=dict(body["components"]),
                            metrics=dict(body.get("metrics") or {}), world_size=int(body.get("world_size", 1)),
-                           time=str(body.get("time", "")), format_version=version,
+                           time=str(body.get("time", "")), checksum=checksum, format_version=version,
                            signature=_signature(body.get("signature")), raw=body,
                            retention=body["retention"] if isinstance(body.get("retention"), dict) else None)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CorruptCheckpointError(f"{source} is malformed: {exc!r}") from exc
+        digits = hex_digits(checksum)
         for name, entry in files.items():
-            if not _FILE_RE.match(name) or ".." in name or not _HEX64.match(entry.sha256) or entry.size < 0:
+            if (not _FILE_RE.match(name) or ".." in name or len(entry.digest) != digits
+                    or not _HEX.match(entry.digest) or entry.size < 0):
                 raise CorruptCheckpointError(f"{source} lists an invalid file entry {name!r}")
         return manifest
 
@@ -183,17 +211,17 @@ def check_sizes(manifest: Manifest, present: Mapping[str, int], source: str) -> 
             raise ChecksumError(f"{source}: {name} is {present[name]} bytes, the manifest recorded {entry.size}")
 
 
-def compare(name: str, got: FileEntry, want: FileEntry, source: str) -> None:
-    """Raise ChecksumError when ``got`` differs from ``want``."""
+def compare(name: str, got: FileEntry, want: FileEntry, source: str, checksum: str) -> None:
+    """Raise ChecksumError when ``got`` differs from ``want`` (digests of algorithm ``checksum``)."""
     if got.size != want.size:
         raise ChecksumError(f"{source}: {name} is {got.size} bytes, the manifest recorded {want.size}")
-    if got.sha256 != want.sha256:
-        raise ChecksumError(f"{source}: {name} has sha256 {got.sha256[:16]}... where the manifest recorded "
-                            f"{want.sha256[:16]}... (its bytes changed after the save)")
+    if got.digest != want.digest:
+        raise ChecksumError(f"{source}: {name} has {checksum} {got.digest[:16]}... where the manifest recorded "
+                            f"{want.digest[:16]}... (its bytes changed after the save)")
 
 
-def verify_file(store: Store, name: str, want: FileEntry) -> None:
-    """Stream one file of a step (``store`` is the step directory) and check its size and checksum.
+def verify_file(store: Store, name: str, want: FileEntry, checksum: str) -> None:
+    """Stream one file of a step (``store`` is the step directory) and check its size and ``checksum``.
 
     Raises:
         ChecksumError: the bytes differ from the manifest.
@@ -202,7 +230,7 @@ def verify_file(store: Store, name: str, want: FileEntry) -> None:
     store.check_inside(name)
     try:
         with store.open_read(name) as fh:
-            got = HashingReader(fh).finish()
+            got = HashingReader(fh, checksum).finish()
     except FileNotFoundError as exc:
         raise CorruptCheckpointError(f"{store.root}: {name} is listed in the manifest but missing") from exc
-    compare(name, got, want, store.root)
+    compare(name, got, want, store.root, checksum)

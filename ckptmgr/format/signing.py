@@ -27,9 +27,10 @@ import os
 from typing import Any, Mapping, Optional, Union
 
 from ..errors import SignatureError, StorageError
+from .checksum import DEFAULT_CHECKSUM, check_checksum
 from .manifest import Manifest
 
-__all__ = ["ENV_KEY", "ALGORITHM", "SigningKey", "load_key", "signature_state"]
+__all__ = ["ENV_KEY", "ALGORITHM", "SigningKey", "load_key", "signature_state", "signed_checksum"]
 
 ENV_KEY = "CKPTMGR_SIGNING_KEY"
 ALGORITHM = "hmac-sha256"
@@ -164,3 +165,21 @@ def load_key(spec: KeySpec = None) -> Optional[SigningKey]:
         return _read_key_file(os.fspath(spec), "signing_key")
     raise TypeError(f"signing_key must be bytes, a key file path, False or None, not {type(spec).__name__}")
 
+
+def signed_checksum(requested: Optional[str], signing: bool) -> str:
+    """The per-file checksum a manager uses: sha256 when it signs, else the one requested (default xxh3).
+
+    Args:
+        requested: ``CheckpointManager(checksum=...)``; None for the default.
+        signing: Whether the manager signs its manifests.
+
+    Raises:
+        ValueError: an unknown checksum, or a non-cryptographic one together with a signing key.
+    """
+    if requested is None:
+        return "sha256" if signing else DEFAULT_CHECKSUM
+    name = check_checksum(requested)
+    if signing and name != "sha256":
+        raise ValueError(f"checksum={name!r} cannot carry a signature: a signed manifest covers its files through "
+                         "sha256 (pass checksum='sha256', or leave checksum out when signing_key is set)")
+    return name

@@ -7,7 +7,7 @@ which the path is missing (a crash there makes ``ckpt_path="last"`` start
 from scratch). So the path is a small manager directory that holds the
 checkpoint as a ckptmgr step, ``<path>/step_00000015/``, committed by the
 store's commit protocol (:mod:`ckptmgr.step.commit`: manifest last, with the
-size and sha256 of every file):
+size and checksum of every file):
 
 * rewriting a path commits the new step beside the old one, then uncommits
   the old one: at every instant the path holds at least one committed step,
@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError, UnsafeCheckpointError
-from ..format.checksum import FileEntry, HashingReader, HashingWriter
+from ..format.checksum import DEFAULT_CHECKSUM, FileEntry, HashingReader, HashingWriter
 from ..format.manifest import Manifest, check_sizes, compare
 from ..format.maplocation import MapLocation
 from ..format.torchfile import load_torch, save_torch
@@ -93,7 +93,7 @@ def _write_pickled(store: Store, name: str, values: Dict[str, Any]) -> FileEntry
     buffer = io.BytesIO()
     save_torch(values, buffer)
     with store.atomic_write(name) as fh:
-        writer = HashingWriter(fh)
+        writer = HashingWriter(fh, DEFAULT_CHECKSUM)
         writer.write(buffer.getbuffer())
     return writer.entry()
 
@@ -103,9 +103,11 @@ def _write_files(store: Store, prefix: str, content: StepContent) -> Tuple[Dict[
     jobs: Dict[str, Callable[[], Tuple[str, FileEntry]]] = {}
     if content.model is not None:
         module_meta = {k: dict(v) for k, v in getattr(content.model, "_metadata", {}).items() if isinstance(v, Mapping)}
-        jobs["model"] = functools.partial(write_model, store, content.model, module_meta, prefix=prefix)
+        jobs["model"] = functools.partial(write_model, store, content.model, module_meta, prefix=prefix,
+                                          checksum=DEFAULT_CHECKSUM)
     for name, tree in content.components.items():
-        jobs[name] = functools.partial(write_component, store, name, tree, prefix=prefix)
+        jobs[name] = functools.partial(write_component, store, name, tree, prefix=prefix,
+                                         checksum=DEFAULT_CHECKSUM)
     if content.pickled:
         values, name = content.pickled, f"{prefix}{PICKLED}.pt"
         jobs[PICKLED] = lambda: (name, _write_pickled(store, name, values))
@@ -131,7 +133,8 @@ def _commit_into(store: Store, step: int, content: StepContent) -> None:
     try:
         files, components = _write_files(store.sub(plan.root), plan.prefix, content)
         manifest = Manifest(step=step, files=files, components=components, metrics=dict(content.metrics),
-                            world_size=1, time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                            world_size=1, time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                            checksum=DEFAULT_CHECKSUM)
         protocol.commit(plan, manifest)
     except BaseException:
         protocol.abort(plan)
@@ -225,10 +228,10 @@ def _read_pickled(store: Store, manifest: Manifest, name: str, map_location: Map
         raise CorruptCheckpointError(f"{store.root}: the manifest names {name} but has no entry for it")
     store.check_inside(name)
     with store.open_read(name) as fh:
-        reader = HashingReader(fh)
+        reader = HashingReader(fh, manifest.checksum)
         data = reader.read()
         got = reader.finish()
-    compare(name, got, want, store.root)  # verified before a single byte is unpickled
+    compare(name, got, want, store.root, manifest.checksum)  # verified before a single byte is unpickled
     return load_torch(io.BytesIO(data), map_location, trust_pickle=True, source=store.uri(name))
 
 

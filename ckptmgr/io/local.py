@@ -19,6 +19,7 @@ from typing import IO, Any, Dict, Iterator, List
 from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, StorageError, WriteConflictError
 from .store import Store
 from .uri import local_path
+from .writeback import open_writeback
 
 __all__ = ["LocalStore", "fsync_dir", "storage_error"]
 
@@ -101,7 +102,7 @@ class LocalStore(Store):
         except OSError as exc:
             raise storage_error(path, exc) from exc
         try:
-            with os.fdopen(fd, "wb") as fh:
+            with open_writeback(fd) as fh:  # its pages start going to disk while it is written
                 yield fh
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -148,6 +149,26 @@ class LocalStore(Store):
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
         fsync_dir(os.path.dirname(path))
+
+    @contextlib.contextmanager
+    def write_unpublished(self, name: str) -> Iterator[IO[bytes]]:
+        path = self.path(name)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode filtered by the umask
+        except OSError as exc:
+            raise storage_error(path, exc) from exc
+        try:
+            with open_writeback(fd) as fh:
+                yield fh
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):
+                raise storage_error(path, exc) from exc
+            raise
 
     def exists(self, name: str = "") -> bool:
         return os.path.exists(self.path(name))

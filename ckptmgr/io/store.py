@@ -95,6 +95,20 @@ class Store(abc.ABC):
             StorageError: an OS or client failure while writing or committing.
         """
 
+    def write_unpublished(self, name: str) -> "contextlib.AbstractContextManager[IO[bytes]]":
+        """Open a file for writing in a directory no reader looks at until a later commit (a step being written).
+
+        The commit makes it visible, so the file needs no atomicity of its own:
+        where a kind can skip it (a local disk: no temporary name, no rename, no
+        directory fsync per file; :meth:`sync_dir` once after the last file), it
+        does. The bytes are durable when the block ends. By default the same as
+        :meth:`atomic_write`.
+
+        Raises:
+            StorageError: an OS or client failure while writing.
+        """
+        return self.atomic_write(name)
+
     def read_bytes(self, name: str = "") -> bytes:
         """The whole content of a (small) file."""
         with self.open_read(name) as fh:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointFormatError, CorruptCheckpointError, KeyMismatchError
-from ..format.checksum import FileEntry
+from ..format.checksum import DEFAULT_CHECKSUM, FileEntry
 from ..format.manifest import Manifest, verify_file
 from ..io.store import Store
 from ..state.models import as_models, dcp_module
@@ -118,19 +118,20 @@ def _same_layout(a: Any, b: Any) -> bool:
     return True
 
 
-def save_shards(store: Store, state: ShardedState, rank: int, group: Any = None) -> Dict[str, FileEntry]:
+def save_shards(store: Store, state: ShardedState, rank: int, group: Any = None,
+                checksum: str = DEFAULT_CHECKSUM) -> Dict[str, FileEntry]:
     """Write this rank's shards with ``dcp.save`` (a collective on ``group``) into ``store``.
 
     Returns:
         The files this rank wrote (rank 0 also DCP's metadata), relative to
-        ``store``, with sizes and checksums read back from storage.
+        ``store``, with sizes and checksums taken while they were written.
 
     Raises:
         DistributedError: DCP failed on some rank (every rank raises).
     """
     import torch.distributed.checkpoint as dcp
     io = _dcp()
-    out = io.writer(store)
+    out = io.writer(store, checksum)
     try:
         with warnings.catch_warnings():  # one process without torch.distributed: DCP warns, we mean it
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -140,7 +141,7 @@ def save_shards(store: Store, state: ShardedState, rank: int, group: Any = None)
             raise
         raise io.translate(exc, f"writing DCP shards into {store.root}") from None
     own = [n for n in out.written if is_data_file(n, rank)] + ([METADATA_NAME] if rank == 0 else [])
-    return dict(io.hash_files(store, own))
+    return io.written_entries(out, store, own, checksum)
 
 
 def metadata_name(manifest: Manifest, source: str) -> str:
@@ -169,11 +170,11 @@ def check_files(store: Store, manifest: Manifest, full: bool) -> None:
     """
     name = metadata_name(manifest, store.root)
     raw = store.read_bytes(name)
-    check_metadata_bytes(raw, manifest.files[name], store.root)
+    check_metadata_bytes(raw, manifest.files[name], store.root, manifest.checksum)
     load_metadata(raw, store.uri(name))
     if full:
         for data in sorted(n for n in manifest.files if is_data_file(n)):
-            verify_file(store, data, manifest.files[data])
+            verify_file(store, data, manifest.files[data], manifest.checksum)
 
 
 def dcp_load(target: Dict[str, Any], store: Store, manifest: Manifest, planner: Any, group: Any,
@@ -183,7 +184,7 @@ def dcp_load(target: Dict[str, Any], store: Store, manifest: Manifest, planner: 
     io = _dcp()
     name = metadata_name(manifest, store.root)
     prefix = name[: -len(METADATA_NAME)]
-    rd = io.reader(store.sub(prefix) if prefix else store, manifest.files[name], store.uri(name))
+    rd = io.reader(store.sub(prefix) if prefix else store, manifest.files[name], store.uri(name), manifest.checksum)
     try:
         if no_dist:  # dcp.load would copy into a new dict, losing what an empty-dict planner builds
             from torch.distributed.checkpoint.state_dict_loader import _load_state_dict

@@ -6,11 +6,10 @@ file. Manifest names never start with a dot, so the metadata is stored as
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from typing import Optional
 
-from ..format.checksum import FileEntry
+from ..format.checksum import FileEntry, digest_of
 from ..format.manifest import compare
 
 __all__ = ["METADATA_NAME", "FORMAT", "is_data_file", "check_metadata_bytes"]
@@ -29,10 +28,10 @@ def is_data_file(name: str, rank: Optional[int] = None) -> bool:
     return rank is None or int(match.group(1)) == rank
 
 
-def check_metadata_bytes(data: bytes, want: FileEntry, source: str) -> None:
-    """Compare DCP metadata bytes with their manifest entry (size and sha256, always).
+def check_metadata_bytes(data: bytes, want: FileEntry, source: str, checksum: str) -> None:
+    """Compare DCP metadata bytes with their manifest entry (size and the manifest's ``checksum``, always).
 
     Raises:
         ChecksumError: the bytes differ; they must not be unpickled.
     """
-    compare(METADATA_NAME, FileEntry(len(data), hashlib.sha256(data).hexdigest()), want, source)
+    compare(METADATA_NAME, FileEntry(len(data), digest_of(data, checksum)), want, source, checksum)

@@ -40,9 +40,21 @@ def _inner(obj: Any) -> Any:
     return obj
 
 
+# wrappers whose saved state is their inner optimizer's, consolidated (state/engines saves ZeRO that way)
+_SHARDING_WRAPPERS = ("ZeroRedundancyOptimizer",)
+
+
 def class_name(obj: Any) -> str:
-    """The class recorded for a saved object (``'SGD'``, ``'CosineAnnealingLR'``); wrappers peeled off."""
-    return type(_inner(obj)).__qualname__
+    """The class recorded for a saved object (``'SGD'``, ``'CosineAnnealingLR'``); wrappers peeled off.
+
+    A ``ZeroRedundancyOptimizer`` is named by the optimizer it shards (``'Adam'``): its consolidated
+    state is that optimizer's, and restores into a plain one as well as into another ZeRO.
+    """
+    inner = _inner(obj)
+    local = getattr(inner, "optim", None)
+    if type(inner).__qualname__ in _SHARDING_WRAPPERS and local is not None:
+        return type(local).__qualname__
+    return type(inner).__qualname__
 
 
 def check_saved(single: bool, objs: Mapping[str, Any], saved: Optional[Mapping[str, Any]], what: str,
@@ -82,7 +94,8 @@ def check_saved(single: bool, objs: Mapping[str, Any], saved: Optional[Mapping[s
     classes = saved.get("classes") or {}
     for name, obj in objs.items():
         recorded = classes.get(name) if isinstance(classes, Mapping) else None
-        if what in CHECKED_CLASSES and isinstance(recorded, str) and recorded != class_name(obj):
+        if (what in CHECKED_CLASSES and isinstance(recorded, str) and recorded not in _SHARDING_WRAPPERS
+                and recorded != class_name(obj)):
             raise CheckpointFormatError(f"the checkpoint holds {recorded} state for {what} {name!r}; got "
                                         f"{class_name(obj)}",
                                         f"restore into a {recorded}, or pass {what}=None to restore without it")

@@ -4,19 +4,58 @@ An async save has two halves. The training thread copies the state into CPU
 staging buffers (the only part it waits for); a background thread then
 serialises, writes and commits the copy while training changes the originals.
 The buffers are reused, so memory never grows past one staged copy.
+
+Training is stopped while the copy runs, so the copy uses every core it can:
+CPU-to-CPU copies are cut into slices of raw bytes spread over a few threads
+of our own, each a plain ``memcpy`` through NumPy (which releases the
+interpreter lock). Not ``Tensor.copy_``: with more than one torch thread it
+runs in OpenMP parallel regions whose threads spin while they wait for each
+other, and on a busy machine (another job, or the background writer of the
+previous save) that costs 4x the CPU of a memcpy (measured here: 210 ms
+against 55 ms for 256 MiB).
 """
 from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections import OrderedDict
-from typing import Any, Dict, Mapping, Optional
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Optional, Tuple
 
+import numpy
 import torch
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["StagingBuffers"]
+
+SLICE = 16 * 1024 * 1024  # bytes per parallel copy task
+MAX_THREADS = 4
+Pair = Tuple[Any, Any]  # (destination, source) NumPy byte views of equal length
+
+
+def _copy_threads() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(MAX_THREADS, cpus))
+
+
+def _plain_bytes(src: torch.Tensor, dst: torch.Tensor) -> bool:
+    """True when ``src`` can be copied into ``dst`` as raw bytes (same dtype, contiguous, plain CPU memory)."""
+    return (src.device.type == "cpu" and dst.device.type == "cpu" and src.layout == torch.strided
+            and src.dtype == dst.dtype and src.is_contiguous() and dst.is_contiguous() and not src.is_conj()
+            and not src.is_neg() and src.numel() > 0)
+
+
+def _slices(dst: torch.Tensor, src: torch.Tensor) -> List[Pair]:
+    """(destination, source) byte views of at most :data:`SLICE` bytes covering ``src``."""
+    to = dst.reshape(-1).view(torch.uint8).numpy()
+    frm = src.detach().reshape(-1).view(torch.uint8).numpy()
+    return [(to[i:i + SLICE], frm[i:i + SLICE]) for i in range(0, len(frm), SLICE)]
 
 
 class StagingBuffers:
@@ -30,6 +69,7 @@ class StagingBuffers:
     def __init__(self, pin_memory: Optional[bool] = None) -> None:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._buffers: Dict[str, torch.Tensor] = {}
+        self._pool: Optional[ThreadPoolExecutor] = None
 
     @property
     def nbytes(self) -> int:
@@ -53,14 +93,18 @@ class StagingBuffers:
         """
         staged: Dict[str, torch.Tensor] = {}
         pending_sync = [False]
+        parallel: List[Pair] = []
 
         def walk(node: Any, path: str) -> Any:
             if isinstance(node, torch.Tensor):
                 src = node.detach()
                 buf = self._buffer_for(path, src)
-                non_blocking = src.device.type == "cuda" and buf.is_pinned()
-                buf.copy_(src, non_blocking=non_blocking)
-                pending_sync[0] = pending_sync[0] or non_blocking
+                if _plain_bytes(src, buf):
+                    parallel.extend(_slices(buf, src))  # copied below, on several threads
+                else:
+                    non_blocking = src.device.type == "cuda" and buf.is_pinned()
+                    buf.copy_(src, non_blocking=non_blocking)
+                    pending_sync[0] = pending_sync[0] or non_blocking
                 staged[path] = buf
                 return buf
             if isinstance(node, Mapping):
@@ -76,15 +120,38 @@ class StagingBuffers:
             return copy.deepcopy(node) if _mutable(node) else node
 
         out = walk(tree, "")
+        self._copy(parallel)
         if pending_sync[0]:
             torch.cuda.synchronize()
         for stale in set(self._buffers) - set(staged):
             del self._buffers[stale]
         return out
 
+    def _copy(self, pairs: List[Pair]) -> None:
+        """Copy each (destination, source) pair, on a few threads when there is more than one slice."""
+        threads = min(_copy_threads(), len(pairs))
+        if threads <= 1:
+            for dst, src in pairs:
+                numpy.copyto(dst, src)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=_copy_threads(), thread_name_prefix="ckptmgr-stage")
+        shares: List[List[Pair]] = [[] for _ in range(threads)]
+        for i, pair in enumerate(pairs):
+            shares[i % threads].append(pair)
+
+        def run(share: List[Pair]) -> None:
+            for dst, src in share:
+                numpy.copyto(dst, src)
+        for future in [self._pool.submit(run, share) for share in shares]:
+            future.result()
+
     def release(self) -> None:
-        """Drop every buffer."""
+        """Drop every buffer and the copy threads."""
         self._buffers.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def _mutable(value: Any) -> bool:

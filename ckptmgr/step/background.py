@@ -19,20 +19,31 @@ the program stops:
   would fail half-way. A hook registered with :mod:`threading`'s shutdown
   sequence (it runs before the executor's own) waits for every running job
   first, and logs the same line.
+
+Background work yields to the thread that submitted it (the training loop):
+the worker runs at a lower CPU priority (``nice`` +:data:`NICE`, Linux only;
+its helper threads inherit it) and writes the files of a step on no more
+threads than the cores training leaves free (:func:`ckptmgr.step.files.spare_cores`).
+Where cores are idle it runs as fast as ever; where it would compete with
+training, training wins and the save takes longer in the background.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
+import sys
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator, List, Optional
 
+from .files import spare_cores
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["Background", "finish_before_interrupt"]
+__all__ = ["Background", "finish_before_interrupt", "NICE"]
 
 
 @contextlib.contextmanager
@@ -101,6 +112,20 @@ def _hook_shutdown() -> None:
         _HOOKED = True
 
 
+NICE = 5  # how much lower the worker's CPU priority is than the caller's (0 disables)
+
+
+def _lower_priority() -> None:
+    """Lower the calling thread's CPU priority by :data:`NICE` (Linux: nice is per thread); best effort."""
+    if not NICE or not sys.platform.startswith("linux"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + NICE))
+    except OSError as exc:  # a sandbox may forbid it; the work still runs
+        logger.debug("could not lower the background worker's priority: %s", exc)
+
+
 class Background:
     """A one-worker executor with back-pressure and deferred errors.
 
@@ -128,7 +153,7 @@ class Background:
         """
         self.wait()
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name, initializer=_lower_priority)
             _hook_shutdown()  # after the executor module registered its own hook, so ours runs first
             _LIVE.add(self)
         self.what = what or "background checkpoint work"
@@ -137,7 +162,8 @@ class Background:
     @staticmethod
     def _run(job: Callable[[], Any]) -> Any:
         try:
-            return job()
+            with spare_cores():
+                return job()
         except BaseException as exc:  # kept in the future for the caller's next submit/wait/close
             logger.error("background checkpoint work failed: %s", exc)
             raise

@@ -11,12 +11,14 @@ never from sniffing, and nothing here can unpickle.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 
@@ -33,20 +35,51 @@ from ..io.store import Store
 logger = logging.getLogger(__name__)
 
 __all__ = ["WORKERS", "write_component", "write_model", "read_component", "read_model", "read_manifest", "probe",
-           "verify_file", "run_concurrently"]  # verify_file: re-exported from ckptmgr.format.manifest
+           "verify_file", "run_concurrently", "spare_cores"]  # verify_file: re-exported from ckptmgr.format.manifest
 
 WORKERS = max(2, min(4, os.cpu_count() or 2))  # files of one step written or read at once
 Tensors = Optional[Mapping[str, torch.Tensor]]
+_limit = threading.local()  # .workers: how many threads spare_cores() lets the calling thread use
 
 
-def run_concurrently(jobs: Mapping[str, Callable[[], Any]], name: str) -> Dict[str, Any]:
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def spare_cores() -> Iterator[int]:
+    """Within this block, the calling thread runs files on no more threads than training leaves free.
+
+    An async save runs beside the training loop, whose torch ops use
+    ``torch.get_num_threads()`` cores; writing the files of a step on more
+    threads than the cores left over only makes them fight the loop for CPU.
+    The save then takes longer in the background and costs the loop less.
+    """
+    spare = max(1, min(WORKERS, _usable_cpus() - torch.get_num_threads()))
+    previous = getattr(_limit, "workers", None)
+    _limit.workers = spare
+    try:
+        yield spare
+    finally:
+        _limit.workers = previous
+
+
+def run_concurrently(jobs: Mapping[str, Callable[[], Any]], name: str, cpu_bound: bool = True) -> Dict[str, Any]:
     """Run independent jobs (one per file) on a few threads; every job finishes before this returns.
 
     The model and the optimizer moments are the big files, so writing (or
     reading and hashing) them at once uses more than one core or connection.
-    The first exception is raised after all jobs ended.
+    Inside :func:`spare_cores`, ``cpu_bound`` jobs (local files) get fewer
+    threads; uploads, which mostly wait on the network, keep them all. The first
+    exception is raised after all jobs ended (on one thread: at once).
     """
-    with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix=name) as pool:
+    workers = (getattr(_limit, "workers", None) if cpu_bound else None) or WORKERS
+    if workers == 1 or len(jobs) == 1:
+        return {key: job() for key, job in jobs.items()}
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) as pool:
         futures = {key: pool.submit(job) for key, job in jobs.items()}
         return {key: future.result() for key, future in futures.items()}
 
@@ -54,16 +87,19 @@ def run_concurrently(jobs: Mapping[str, Callable[[], Any]], name: str) -> Dict[s
 # --------------------------------------------------------------------------- writing
 
 
-def _write(store: Store, name: str, fill: Callable[[HashingWriter], Any]) -> FileEntry:
-    with store.atomic_write(name) as fh:
-        writer = HashingWriter(fh)
+def _write(store: Store, name: str, fill: Callable[[HashingWriter], Any], checksum: str) -> FileEntry:
+    # The step is not visible until its commit, so its files need no atomicity of their own;
+    # the step format fsyncs the directory once after the last file.
+    with store.write_unpublished(name) as fh:
+        writer = HashingWriter(fh, checksum)
         fill(writer)
     fault_point("save.after_data_file")
     return writer.entry()
 
 
-def write_component(store: Store, base: str, obj: Any, prefix: str = "") -> Tuple[str, FileEntry]:
-    """Write ``obj`` as ``<prefix><base>.json`` (no tensors) or ``<prefix><base>.safetensors``.
+def write_component(store: Store, base: str, obj: Any, prefix: str = "", *,
+                    checksum: str) -> Tuple[str, FileEntry]:
+    """Write ``obj`` as ``<prefix><base>.json`` (no tensors) or ``<prefix><base>.safetensors``, hashed (``checksum``).
 
     Returns:
         ``(name relative to the store, FileEntry)``.
@@ -75,13 +111,13 @@ def write_component(store: Store, base: str, obj: Any, prefix: str = "") -> Tupl
     text = json.dumps(skeleton, allow_nan=False)
     if tensors:
         name = f"{prefix}{base}.safetensors"
-        return name, _write(store, name, lambda w: write_safetensors(w, tensors, {SKELETON_KEY: text}))
+        return name, _write(store, name, lambda w: write_safetensors(w, tensors, {SKELETON_KEY: text}), checksum)
     name = f"{prefix}{base}.json"
-    return name, _write(store, name, lambda w: w.write(text.encode("utf-8")))
+    return name, _write(store, name, lambda w: w.write(text.encode("utf-8")), checksum)
 
 
 def write_model(store: Store, state: Mapping[str, Any], module_meta: Mapping[str, Any],
-                prefix: str = "", base: str = "model") -> Tuple[str, FileEntry]:
+                prefix: str = "", base: str = "model", *, checksum: str) -> Tuple[str, FileEntry]:
     """Write model weights as ``<prefix><base>.safetensors``, keyed like the bare model's state dict.
 
     Any tool that reads safetensors can use the file. Non-tensor entries
@@ -94,7 +130,7 @@ def write_model(store: Store, state: Mapping[str, Any], module_meta: Mapping[str
         skeleton, tensors = to_skeleton(dict(state), path="model")
         metadata[SKELETON_KEY] = json.dumps(skeleton, allow_nan=False)
     name = f"{prefix}{base}.safetensors"
-    return name, _write(store, name, lambda w: write_safetensors(w, tensors, metadata))
+    return name, _write(store, name, lambda w: write_safetensors(w, tensors, metadata), checksum)
 
 
 # --------------------------------------------------------------------------- reading
@@ -109,11 +145,11 @@ def _read(store: Store, manifest: Manifest, name: str, verify: bool, parse: Call
     store.check_inside(name)
 
     def check(got: FileEntry) -> None:
-        compare(name, got if verify else FileEntry(got.size, want.sha256), want, store.root)
+        compare(name, got if verify else FileEntry(got.size, want.digest), want, store.root, manifest.checksum)
 
     try:
         with store.open_read(name) as fh:
-            reader = HashingReader(fh, digest=verify)
+            reader = HashingReader(fh, manifest.checksum if verify else None)
             try:
                 value = parse(reader, want.size)
             except CorruptCheckpointError:

@@ -17,6 +17,7 @@ import torch
 
 from ..distributed import agree
 from ..errors import CorruptCheckpointError
+from ..format.checksum import DEFAULT_CHECKSUM
 from ..format.manifest import Manifest, verify_file
 from ..format.maplocation import MapLocation
 from ..format.skeleton import to_skeleton
@@ -110,22 +111,25 @@ class StepFormat:
                         metrics=dict(snapshot.metrics), sharded=snapshot.sharded, rank_state=staged["rank_state"],
                         frozen=snapshot.frozen)
 
-    def write(self, store: Store, prefix: str, snapshot: Snapshot, rank: int, group: Any = None) -> RankFiles:
+    def write(self, store: Store, prefix: str, snapshot: Snapshot, rank: int, group: Any = None,
+              checksum: str = DEFAULT_CHECKSUM) -> RankFiles:
         """Write this rank's files into ``store`` (names start with ``prefix``); report them for the manifest.
 
         The replicated files are written by whichever rank collected them (see :meth:`collect`).
         """
         jobs: Dict[str, Callable[[], Any]] = {}
         if snapshot.model is not None:
-            jobs.update(models.write_jobs(store, prefix, snapshot.model))
+            jobs.update(models.write_jobs(store, prefix, snapshot.model, checksum))
         for comp in COMPONENTS:
             if snapshot.components.get(comp) is not None:
-                jobs[comp] = functools.partial(write_component, store, comp, snapshot.components[comp], prefix=prefix)
-        jobs["rng"] = functools.partial(write_component, store, f"rng-rank{rank:05d}", snapshot.rng, prefix=prefix)
+                jobs[comp] = functools.partial(write_component, store, comp, snapshot.components[comp], prefix=prefix,
+                                               checksum=checksum)
+        jobs["rng"] = functools.partial(write_component, store, f"rng-rank{rank:05d}", snapshot.rng, prefix=prefix,
+                                        checksum=checksum)
         if snapshot.rank_state is not None:
             jobs["rank_state"] = functools.partial(write_component, store, rankstate.base_name(rank),
-                                                   snapshot.rank_state, prefix=prefix)
-        done = run_concurrently(jobs, "ckptmgr-write")
+                                                   snapshot.rank_state, prefix=prefix, checksum=checksum)
+        done = run_concurrently(jobs, "ckptmgr-write", cpu_bound=store.is_local)
         files = dict(done.values())
         rng_name = done.pop("rng")[0]
         rank_state = done.pop("rank_state", (None, None))[0]
@@ -169,7 +173,7 @@ class StepFormat:
             for other in range(manifest.world_size):
                 name = manifest.rng_file(other)
                 if other != rank and name is not None:
-                    verify_file(store, name, manifest.files[name])
+                    verify_file(store, name, manifest.files[name], manifest.checksum)
         return loaded
 
     reads_model = True

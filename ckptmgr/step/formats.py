@@ -18,6 +18,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..errors import CheckpointFormatError
+from ..format.checksum import DEFAULT_CHECKSUM
 from ..format.manifest import Manifest
 from ..format.maplocation import MapLocation
 from ..io.store import Store
@@ -83,13 +84,14 @@ class ShardedFormat(StepFormat):
         staged.sharded = self._stager.stage(snapshot.sharded)  # type: ignore[arg-type]
         return staged
 
-    def write(self, store: Store, prefix: str, snapshot: Snapshot, rank: int, group: Any = None) -> RankFiles:
+    def write(self, store: Store, prefix: str, snapshot: Snapshot, rank: int, group: Any = None,
+              checksum: str = DEFAULT_CHECKSUM) -> RankFiles:
         from ..sharded.engine import save_shards
         from ..sharded.layout import METADATA_NAME
         assert_sharded(snapshot)
         write_store = store.sub(prefix) if prefix else store
-        shards = save_shards(write_store, snapshot.sharded, rank, group)  # type: ignore[arg-type]
-        report = super().write(store, prefix, snapshot, rank, group)
+        shards = save_shards(write_store, snapshot.sharded, rank, group, checksum)  # type: ignore[arg-type]
+        report = super().write(store, prefix, snapshot, rank, group, checksum)
         report.files.update({prefix + name: entry for name, entry in shards.items()})
         if rank == 0:
             from ..distributed import get_world_size

@@ -26,7 +26,6 @@ so an error on any rank raises on every rank):
 from __future__ import annotations
 
 import base64
-import hashlib
 import logging
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
@@ -35,7 +34,7 @@ from ..distributed import agree
 from ..distributed.nodes import NodeLayout
 from ..errors import DistributedError
 from ..faults import fault_point
-from ..format.checksum import FileEntry
+from ..format.checksum import DEFAULT_CHECKSUM, FileEntry, digest_of
 from ..format.manifest import Manifest
 from ..io.store import Store
 from .commit import RenameCommit
@@ -61,7 +60,7 @@ def mismatches(reports: List[RankFiles], layout: NodeLayout) -> Dict[int, Set[st
 
 
 def node_manifest(step: int, time: str, metrics: Dict[str, Any], reports: List[RankFiles], layout: NodeLayout,
-                  leader: int, left_out: Set[str]) -> Manifest:
+                  leader: int, left_out: Set[str], checksum: str = DEFAULT_CHECKSUM) -> Manifest:
     """The manifest of one node's copy: the files on that node (rank 0's entries for replicated ones)."""
     files: Dict[str, FileEntry] = {}
     for rank in layout.members(leader):
@@ -74,7 +73,7 @@ def node_manifest(step: int, time: str, metrics: Dict[str, Any], reports: List[R
     components = dict(reports[0].components)
     components["rng"] = {str(rank): report.rng for rank, report in enumerate(reports)}
     return Manifest(step=step, files=files, components=components, metrics=dict(metrics),
-                    world_size=layout.world, time=time)
+                    world_size=layout.world, time=time, checksum=checksum)
 
 
 def _commit_time() -> str:
@@ -84,7 +83,8 @@ def _commit_time() -> str:
 def save_local(layout: NodeLayout, local: Store, protocol: RenameCommit, fmt: StepFormat, snapshot: Snapshot, *,
                error: Optional[BaseException], force: bool, group: Any = None,
                check_target: Callable[[int, bool], None] = lambda step, force: None,
-               before_prepare: Callable[[], None] = lambda: None) -> Tuple[str, Optional[Manifest]]:
+               before_prepare: Callable[[], None] = lambda: None,
+               checksum: str = DEFAULT_CHECKSUM) -> Tuple[str, Optional[Manifest]]:
     """Write ``snapshot`` and commit it on every node's local tier (a collective).
 
     Args:
@@ -98,6 +98,7 @@ def save_local(layout: NodeLayout, local: Store, protocol: RenameCommit, fmt: St
         group: Process group for the agreement.
         check_target: Rank 0, first: refuse a step committed in the persistent tier.
         before_prepare: Node leaders, before the plan: claim the local directory, clean leftovers.
+        checksum: The per-file checksum to write and record.
 
     Returns:
         ``(name of the step directory, this node's manifest on leaders / None elsewhere)``.
@@ -133,7 +134,7 @@ def save_local(layout: NodeLayout, local: Store, protocol: RenameCommit, fmt: St
 
         def write() -> Any:
             fault_point("save.write")
-            return fmt.write(local.sub(plan.root), plan.prefix, snapshot, rank, group).to_json()
+            return fmt.write(local.sub(plan.root), plan.prefix, snapshot, rank, group, checksum).to_json()
         reports = [RankFiles.from_json(r) for r in agree(f"{what} (write)", write, group)]
         differ = mismatches(reports, layout)
         shipped = _ship(differ, reports, local.sub(plan.root), rank, group, what)
@@ -142,8 +143,8 @@ def save_local(layout: NodeLayout, local: Store, protocol: RenameCommit, fmt: St
             fault_point("save.commit")
             if not layout.is_leader:
                 return
-            left_out = _settle(local.sub(plan.root), differ.get(rank, set()), shipped, reports[0])
-            manifest = node_manifest(step, time, metrics, reports, layout, rank, left_out)
+            left_out = _settle(local.sub(plan.root), differ.get(rank, set()), shipped, reports[0], checksum)
+            manifest = node_manifest(step, time, metrics, reports, layout, rank, left_out, checksum)
             fault_point("tier.before_local_commit")
             protocol.commit(plan, manifest)
             state["committed"], state["manifest"] = True, manifest
@@ -173,7 +174,8 @@ def _ship(differ: Dict[int, Set[str]], reports: List[RankFiles], root: Store, ra
     return {n: base64.b64decode(data) for n, data in payload.items()}
 
 
-def _settle(root: Store, differ: Set[str], shipped: Dict[str, bytes], reference: RankFiles) -> Set[str]:
+def _settle(root: Store, differ: Set[str], shipped: Dict[str, bytes], reference: RankFiles,
+            checksum: str) -> Set[str]:
     """Replace this node's differing replicated files by rank 0's; returns the names left out of this node."""
     left_out = set()
     for name in sorted(differ):
@@ -182,7 +184,7 @@ def _settle(root: Store, differ: Set[str], shipped: Dict[str, bytes], reference:
             root.remove(name)
             left_out.add(name)
             continue
-        if FileEntry(len(data), hashlib.sha256(data).hexdigest()) != reference.files[name]:
+        if FileEntry(len(data), digest_of(data, checksum)) != reference.files[name]:
             raise DistributedError(f"{name} sent by rank 0 differs from rank 0's own report",
                                    "the collective corrupted data; retry the save")
         root.write_bytes(name, data)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 import torch
 
 from ..errors import CheckpointFormatError, CorruptCheckpointError
+from ..format.checksum import DEFAULT_CHECKSUM
 from ..format.manifest import Manifest
 from ..format.maplocation import MapLocation
 from ..io.store import Store
@@ -64,10 +65,11 @@ def frozen_component(models: ModelStates, frozen: Mapping[str, Shapes]) -> Dict[
     return {"models": dict(frozen)}
 
 
-def write_jobs(store: Store, prefix: str, models: ModelStates) -> Dict[str, Callable[[], Any]]:
-    """One write job per model file, keyed ``model:<name>``."""
+def write_jobs(store: Store, prefix: str, models: ModelStates,
+               checksum: str = DEFAULT_CHECKSUM) -> Dict[str, Callable[[], Any]]:
+    """One write job per model file, keyed ``model:<name>``, each hashed with ``checksum`` while written."""
     return {JOB_PREFIX + name: functools.partial(write_model, store, state, meta, prefix=prefix,
-                                                 base=_base(name, models.single))
+                                                 base=_base(name, models.single), checksum=checksum)
             for name, (state, meta) in models.states.items()}
 
 

@@ -132,7 +132,7 @@ def read(store: Store, manifest: Manifest, rank: int, verify: bool, map_location
         for other in range(manifest.world_size):
             other_name = file_for(manifest, other)
             if other != rank and other_name is not None:
-                verify_file(store, other_name, manifest.files[other_name])
+                verify_file(store, other_name, manifest.files[other_name], manifest.checksum)
     return None if name is None else read_component(store, manifest, name, verify, map_location)
 
 

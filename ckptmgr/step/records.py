@@ -99,7 +99,7 @@ class RankFiles:
 
     def to_json(self) -> Dict[str, Any]:
         """The record as JSON (it travels through the save's all-gather)."""
-        return {"files": {n: [e.size, e.sha256] for n, e in self.files.items()}, "components": self.components,
+        return {"files": {n: [e.size, e.digest] for n, e in self.files.items()}, "components": self.components,
                 "rng": self.rng, "rank_state": self.rank_state}
 
     @classmethod

@@ -7,9 +7,9 @@ order of calls is the whole protocol:
 
 1. rank 0 runs the caller's ``before_prepare`` (claim the directory, clean
    leftovers) and :meth:`CommitProtocol.prepare`, then sends the
-   :class:`WritePlan` to every rank;
-2. every rank writes its files with the step format and reports them as
-   :class:`RankFiles`;
+   :class:`WritePlan` and its checksum algorithm to every rank;
+2. every rank writes its files with the step format, hashing them with rank
+   0's algorithm while they are written, and reports them as :class:`RankFiles`;
 3. rank 0 builds the manifest from every report (signed when a key is
    given), runs ``before_commit`` (the ownership check) and
    :meth:`CommitProtocol.commit`: the manifest is written last, and the step
@@ -24,6 +24,7 @@ from typing import Any, Callable, List, Mapping, Optional, Tuple
 from ..distributed import agree, get_rank, get_world_size
 from ..errors import DistributedError
 from ..faults import fault_point
+from ..format.checksum import DEFAULT_CHECKSUM
 from ..format.manifest import Manifest
 from ..format.signing import SigningKey
 from ..io.store import Store
@@ -38,7 +39,7 @@ __all__ = ["save_step", "build_manifest"]
 
 
 def build_manifest(step: int, metrics: Any, reports: List[RankFiles], world: int,
-                   retention: Optional[Mapping[str, Any]] = None) -> Manifest:
+                   retention: Optional[Mapping[str, Any]] = None, checksum: str = DEFAULT_CHECKSUM) -> Manifest:
     """The commit record of a step from every rank's report (rank order); rank 0's names the components.
 
     Every rank's RNG file (and rank-state file, when it wrote one) is listed by rank.
@@ -50,7 +51,7 @@ def build_manifest(step: int, metrics: Any, reports: List[RankFiles], world: int
         components["rank_state"] = rank_state
     return Manifest(step=step, files=all_files(reports), components=components, metrics=dict(metrics),
                     world_size=world, time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    retention=None if retention is None else dict(retention))
+                    retention=None if retention is None else dict(retention), checksum=checksum)
 
 
 def save_step(store: Store, protocol: CommitProtocol, fmt: StepFormat, snapshot: Snapshot, *,
@@ -58,7 +59,8 @@ def save_step(store: Store, protocol: CommitProtocol, fmt: StepFormat, snapshot:
               before_prepare: Callable[[], None] = lambda: None,
               before_commit: Callable[[], None] = lambda: None,
               signing_key: Optional[SigningKey] = None,
-              retention: Callable[[], Optional[Mapping[str, Any]]] = lambda: None) -> Tuple[str, Optional[Manifest]]:
+              retention: Callable[[], Optional[Mapping[str, Any]]] = lambda: None,
+              checksum: str = DEFAULT_CHECKSUM) -> Tuple[str, Optional[Manifest]]:
     """Write and commit one step on every rank (a collective).
 
     Args:
@@ -74,6 +76,7 @@ def save_step(store: Store, protocol: CommitProtocol, fmt: StepFormat, snapshot:
         before_commit: Rank 0, right before the manifest is written.
         signing_key: Sign the manifest with this key.
         retention: Rank 0, at the commit: the manager's retention settings, recorded in the manifest.
+        checksum: The file checksum; rank 0's is used on every rank.
 
     Returns:
         ``(name of the committed step directory, the manifest on rank 0 / None elsewhere)``.
@@ -89,24 +92,26 @@ def save_step(store: Store, protocol: CommitProtocol, fmt: StepFormat, snapshot:
     committed = False
 
     def prepare() -> Any:
+        nonlocal plan
         if error is not None:
             raise error
         fault_point("save.prepare")
         if rank != 0:
             return {"step": step}
         before_prepare()
-        return {"step": step, "plan": protocol.prepare(step, force).to_json()}
+        plan = protocol.prepare(step, force)  # aborted below if any rank fails, this agreement included
+        return {"step": step, "plan": plan.to_json(), "checksum": checksum}
 
-    def write(plan: WritePlan) -> Any:
+    def write(plan: WritePlan, algorithm: str) -> Any:
         fault_point("save.write")
-        return fmt.write(store.sub(plan.root), plan.prefix, snapshot, rank, group).to_json()
+        return fmt.write(store.sub(plan.root), plan.prefix, snapshot, rank, group, checksum=algorithm).to_json()
 
     def commit(plan: WritePlan, written: List[Any]) -> None:
         nonlocal manifest, committed
         fault_point("save.commit")
         if rank == 0:
             manifest = build_manifest(step, snapshot.metrics, [RankFiles.from_json(r) for r in written], world,
-                                      retention())
+                                      retention(), checksum)
             if signing_key is not None:
                 signing_key.sign(manifest)
             before_commit()
@@ -119,7 +124,8 @@ def save_step(store: Store, protocol: CommitProtocol, fmt: StepFormat, snapshot:
             raise DistributedError(f"{what}: ranks passed different steps {[r['step'] for r in replies]}",
                                    "call save() with the same step on every rank")
         chosen = plan = WritePlan(**replies[0]["plan"])
-        written = agree(f"{what} (write)", lambda: write(chosen), group)
+        algorithm = str(replies[0]["checksum"])
+        written = agree(f"{what} (write)", lambda: write(chosen, algorithm), group)
         agree(f"{what} (commit)", lambda: commit(chosen, written), group)
         committed = True
     finally:

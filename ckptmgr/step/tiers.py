@@ -34,6 +34,7 @@ from ..distributed import agree, get_world_size, new_control_group
 from ..distributed.nodes import node_layout
 from ..errors import CheckpointError, CheckpointExistsError, CorruptCheckpointError, StorageError
 from ..faults import fault_point
+from ..format.checksum import DEFAULT_CHECKSUM
 from ..io.access import open_store
 from ..io.store import Store
 from .background import Background
@@ -66,6 +67,7 @@ class Persistent:
         prepare: Rank 0, before an upload: claim the directory, remove interrupted uploads.
         retention: ``retention(infos, protected=...) -> steps the policy drops``.
         reclaimer: The background worker that frees the space of uncommitted steps.
+        checksum: The per-file checksum of the steps the tiers write (the manager's).
     """
 
     store: Store
@@ -76,6 +78,7 @@ class Persistent:
     prepare: Callable[[], None]
     retention: Callable[..., List[int]]
     reclaimer: Background
+    checksum: str = DEFAULT_CHECKSUM
 
 
 class TieredSteps:
@@ -177,7 +180,8 @@ class TieredSteps:
         if force:  # a forced save replaces a local copy an upload may be reading: let it finish first
             self._settle_uploads()
         name, _ = save_local(self.layout, self.local, self.protocol, fmt, snapshot, error=error, force=force,
-                             group=group, check_target=self._check_target, before_prepare=self._before_prepare)
+                             group=group, check_target=self._check_target, before_prepare=self._before_prepare,
+                             checksum=self.p.checksum)
         with self._lock:
             self._known.add(snapshot.step)
         logger.info("committed checkpoint step %d on every node's local tier", snapshot.step)

@@ -56,8 +56,10 @@ def union(manifests: Dict[int, Manifest], source: str) -> Manifest:
         for name, entry in manifests[lead].files.items():
             if files.setdefault(name, entry) != entry:
                 raise CorruptCheckpointError(f"{source}: the nodes' copies of {name} differ")
+    if len({m.checksum for m in manifests.values()}) > 1:
+        raise CorruptCheckpointError(f"{source}: the nodes' copies record different checksums")
     return Manifest(step=first.step, files=files, components=first.components, metrics=first.metrics,
-                    world_size=first.world_size, time=first.time)
+                    world_size=first.world_size, time=first.time, checksum=first.checksum)
 
 
 def _writer(manifest: Manifest, name: str) -> Optional[int]:
@@ -100,10 +102,10 @@ def with_prefix(manifest: Manifest, prefix: str) -> Manifest:
         return value
     return Manifest(step=manifest.step, files={prefix + n: e for n, e in manifest.files.items()},
                     components=rename(manifest.components), metrics=manifest.metrics,
-                    world_size=manifest.world_size, time=manifest.time)
+                    world_size=manifest.world_size, time=manifest.time, checksum=manifest.checksum)
 
 
-def copy_verified(src: Store, name: str, dst: Store, dst_name: str, want: FileEntry) -> None:
+def copy_verified(src: Store, name: str, dst: Store, dst_name: str, want: FileEntry, checksum: str) -> None:
     """Copy one file, hashing it as it is read; a copy that differs from ``want`` is never completed.
 
     Raises:
@@ -111,13 +113,13 @@ def copy_verified(src: Store, name: str, dst: Store, dst_name: str, want: FileEn
         StorageError: reading or uploading failed.
     """
     with src.open_read(name) as fh, dst.atomic_write(dst_name) as out:
-        reader = HashingReader(fh)
+        reader = HashingReader(fh, checksum)
         while True:
             chunk = reader.read(CHUNK)
             if not chunk:
                 break
             out.write(chunk)
-        compare(name, reader.finish(), want, src.root)  # raising here discards the upload
+        compare(name, reader.finish(), want, src.root, checksum)  # raising here discards the upload
     fault_point("upload.after_file")
 
 
@@ -183,7 +185,8 @@ def upload_step(layout: NodeLayout, local: Store, persistent: Store, protocol: C
         def upload() -> None:
             fault_point("upload.start")
             src, dst = local.sub(name), persistent.sub(target.root)
-            jobs = {n: functools.partial(copy_verified, src, n, dst, target.prefix + n, whole.files[n]) for n in mine}
+            jobs = {n: functools.partial(copy_verified, src, n, dst, target.prefix + n, whole.files[n],
+                                          whole.checksum) for n in mine}
             run_concurrently(jobs, "ckptmgr-upload")
         agree(f"{what} (upload)", upload, group)
 

@@ -202,7 +202,7 @@ def test_verify_good_directory_and_step(ckptmgr_cli, run_dir):
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("flip", "model.safetensors: sha256"), ("truncate", "optimizer.safetensors: "), ("delete", "meta.json: missing"),
+    ("flip", "model.safetensors: xxh3"), ("truncate", "optimizer.safetensors: "), ("delete", "meta.json: missing"),
     ("manifest", "manifest.json: "),
 ])
 def test_verify_names_the_damaged_file_and_exits_1(ckptmgr_cli, run_dir, damage, message):

@@ -98,6 +98,7 @@ def test_cli_reads_0_1_directories(v01, capsys):
     assert cli(["inspect", os.path.join(v01, "run"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["step"] == 3 and info["state_dict"]["tensors"] == len(TinyNet().state_dict())
+    assert info["checksum"] == "sha256"  # what 0.1 wrote, verified with it
 
 
 def test_0_1_single_pth_keeps_its_optimizer_and_meta(v01, reference):

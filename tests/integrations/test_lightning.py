@@ -46,12 +46,12 @@ def _canary_pickle(canary: str) -> bytes:
 
 def _forge(step_dir: str, name: str, data: bytes, component=None, file=None) -> None:
     """Replace a file of a committed step and re-sign the manifest so sizes and checksums match."""
-    import hashlib
+    from ckptmgr.format.checksum import digest_of
     with open(os.path.join(step_dir, name), "wb") as fh:
         fh.write(data)
     path = os.path.join(step_dir, "manifest.json")
     manifest = Manifest.from_bytes(open(path, "rb").read())
-    manifest.files[name] = FileEntry(len(data), hashlib.sha256(data).hexdigest())
+    manifest.files[name] = FileEntry(len(data), digest_of(data, manifest.checksum))
     if component is not None:
         manifest.components[component] = file or name
     with open(path, "wb") as fh:

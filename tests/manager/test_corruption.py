@@ -9,6 +9,7 @@ import torch
 
 import ckptmgr
 from ckptmgr import CheckpointManager, CorruptCheckpointError
+from ckptmgr.format.checksum import digest_of
 from ckptmgr.format.manifest import FileEntry, Manifest
 from tests.conftest import ConvNet
 from tests.manager.helpers import assert_same
@@ -117,8 +118,7 @@ def _rewrite_manifest(step_dir, edit):
     for name in list(manifest.files):
         with open(os.path.join(step_dir, name), "rb") as fh:
             data = fh.read()
-        import hashlib
-        manifest.files[name] = FileEntry(len(data), hashlib.sha256(data).hexdigest())
+        manifest.files[name] = FileEntry(len(data), digest_of(data, manifest.checksum))
     with open(os.path.join(step_dir, "manifest.json"), "wb") as fh:
         fh.write(manifest.to_bytes())
 
@@ -137,8 +137,8 @@ def test_pickle_bombs_among_checkpoint_files_are_never_unpickled(ckpt_dir, tmp_p
     def point_at_bombs(manifest):
         manifest.components["optimizer"] = "optimizer.pt"
         manifest.components["meta"] = "state.pkl"
-        manifest.files["optimizer.pt"] = FileEntry(0, "0" * 64)
-        manifest.files["state.pkl"] = FileEntry(0, "0" * 64)
+        manifest.files["optimizer.pt"] = FileEntry(0, digest_of(b"", manifest.checksum))
+        manifest.files["state.pkl"] = FileEntry(0, digest_of(b"", manifest.checksum))
     _rewrite_manifest(step_dir, point_at_bombs)
     with pytest.raises(CorruptCheckpointError, match="refusing"):
         mgr.restore(2, model=ConvNet())

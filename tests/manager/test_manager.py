@@ -75,10 +75,12 @@ def test_force_without_atomic_exchange_and_recovery(ckpt_dir, convnet, monkeypat
     fresh = ConvNet()
     mgr.restore(model=fresh)
     assert _weights_value(fresh) == 2.0 and tmp_names(ckpt_dir) == []
-    # A crash between the two renames leaves the old copy under .old-<name>-<uuid>: the next
-    # save puts it back (roll back to the committed old version).
+    # A crash between the two renames leaves the old copy under .old-<name>-<uuid>: the restarted
+    # job's first save puts it back (roll back to the committed old version).
     old = os.path.join(ckpt_dir, ".old-step_00000001-" + "a" * 32)
     os.rename(os.path.join(ckpt_dir, "step_00000001"), old)
+    mgr.close()
+    mgr = CheckpointManager(ckpt_dir)
     assert mgr.all_steps() == []
     mgr.save(2, model=_fill(convnet, 5.0))
     assert mgr.all_steps() == [1, 2] and tmp_names(ckpt_dir) == []
@@ -87,8 +89,8 @@ def test_force_without_atomic_exchange_and_recovery(ckpt_dir, convnet, monkeypat
 
 
 def test_leftovers_of_crashed_saves_are_cleaned_and_nothing_else(ckpt_dir, convnet):
-    mgr = CheckpointManager(ckpt_dir)
-    mgr.save(1, model=convnet)
+    with CheckpointManager(ckpt_dir) as first_job:
+        first_job.save(1, model=convnet)
     ours = [".tmp-step_00000002-" + "0123456789abcdef" * 2, ".tmp-step_00000001-" + "f" * 32]
     foreign_dirs = [".tmp-step_2", ".tmp-step_00000002-xyz", "step_2", "tmp", ".tmp-step_00000002-" + "A" * 32,
                     "step_00000009.bak"]
@@ -98,10 +100,27 @@ def test_leftovers_of_crashed_saves_are_cleaned_and_nothing_else(ckpt_dir, convn
     for name in foreign_files:
         with open(os.path.join(ckpt_dir, name), "w") as fh:
             fh.write("keep me")
+    mgr = CheckpointManager(ckpt_dir)  # the restarted job's first save tidies up
     mgr.save(2, model=convnet)
     left = set(entries(ckpt_dir))
     assert not left & set(ours)
     assert left == set(foreign_dirs) | set(foreign_files) | {"step_00000001", "step_00000002"}
+
+
+def test_only_the_first_save_lists_the_directory(ckpt_dir, convnet, monkeypatch):
+    mgr = CheckpointManager(ckpt_dir, max_to_keep=2)
+    listings = []
+    real = LocalStore.listdir
+    monkeypatch.setattr(LocalStore, "listdir", lambda self, name="": listings.append(name) or real(self, name))
+    mgr.save(1, model=convnet)
+    first = len(listings)  # the claim and the leftover cleanup list the directory once each
+    assert 1 <= first <= 2
+    for step in range(2, 6):
+        mgr.save(step, model=convnet)
+        assert len(listings) == first  # later saves know the directory from the index: no listing, whatever it holds
+    assert mgr.all_steps() == [4, 5] and len(listings) == first + 1
+    mgr.close()
+    assert entries(ckpt_dir) == ["step_00000004", "step_00000005"]
 
 
 def test_max_to_keep_three_over_ten_saves_keeps_foreign_files(ckpt_dir, convnet):

@@ -263,7 +263,8 @@ def test_manifest_records_files_metrics_and_components(ckpt_dir, convnet):
     step_dir = os.path.join(ckpt_dir, "step_00000007")
     with open(os.path.join(step_dir, "manifest.json")) as fh:
         manifest = json.load(fh)
-    assert manifest["step"] == 7 and manifest["format_version"] == 1 and manifest["world_size"] == 1
+    assert manifest["step"] == 7 and manifest["world_size"] == 1
+    assert manifest["checksum"] == "xxh3" and manifest["format_version"] == 2   # the default; sha256 stays version 1
     assert manifest["metrics"] == {"loss": None, "acc": 1}
     assert set(manifest["files"]) == set(os.listdir(step_dir)) - {"manifest.json"}
     for name, entry in manifest["files"].items():

@@ -91,7 +91,7 @@ def test_a_forged_manifest_with_a_recomputed_checksum_fails_the_signature(signed
     """What an attacker without the key can do: swap the weights and write a manifest that checks out."""
     step2 = os.path.join(signed, "step_00000002")
     evil = os.path.join(signed, "evil")
-    with CheckpointManager(evil) as mgr:
+    with CheckpointManager(evil, checksum="sha256") as mgr:
         mgr.save(2, model=_model(666.0))
     shutil.copyfile(os.path.join(evil, "step_00000002", "model.safetensors"), os.path.join(step2, "model.safetensors"))
     manifest = Manifest.from_bytes(open(os.path.join(step2, "manifest.json"), "rb").read())

@@ -9,3 +9,11 @@ from reliability.common import count
 def test_every_damage_of_every_file_kind_is_a_typed_error():
     tally = corruption.run_corruption(offsets=count("trunc_offsets", 3), flips=count("flips", 10))
     tally.assert_all_ok()
+    assert tally.figures["manager checksum"] == "xxh3"  # the default catches every flipped bit and truncation
+
+
+@pytest.mark.timeout(300)
+def test_sha256_steps_catch_the_same_damage():
+    tally = corruption.run_corruption(offsets=1, flips=count("flips", 10) // 2, seed=1, checksum="sha256")
+    tally.assert_all_ok()
+    assert tally.figures["manager checksum"] == "sha256"

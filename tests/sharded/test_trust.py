@@ -76,7 +76,7 @@ def test_a_malicious_metadata_pickle_is_refused_before_it_is_unpickled(saved, tm
     payload = pickle.dumps(_Canary(str(canary)))
     size = os.path.getsize(path)
     assert len(payload) < size
-    with open(path, "wb") as fh:                 # same size, so only the sha256 can tell; manifest untouched
+    with open(path, "wb") as fh:                 # same size, so only the checksum can tell; manifest untouched
         fh.write(payload + b"\0" * (size - len(payload)))
     mgr = CheckpointManager(directory)
     for verify in (True, False):
@@ -91,13 +91,13 @@ def test_a_malicious_metadata_pickle_is_refused_before_it_is_unpickled(saved, tm
 
 def _forge(directory, payload, step=2):
     """Replace a step's dcp.metadata with ``payload`` and recompute the manifest so every checksum matches."""
-    import hashlib
+    from ckptmgr.format.checksum import digest_of
     step_dir = os.path.join(directory, f"step_{step:08d}")
     with open(os.path.join(step_dir, "dcp.metadata"), "wb") as fh:
         fh.write(payload)
     path = os.path.join(step_dir, "manifest.json")
     manifest = Manifest.from_bytes(open(path, "rb").read())
-    manifest.files["dcp.metadata"] = FileEntry(len(payload), hashlib.sha256(payload).hexdigest())
+    manifest.files["dcp.metadata"] = FileEntry(len(payload), digest_of(payload, manifest.checksum))
     manifest.raw = None
     with open(path, "wb") as fh:
         fh.write(manifest.to_bytes())  # a manifest that checks out: only the allowlist stands in the way

@@ -78,7 +78,7 @@ def test_a_wiped_local_tier_restores_from_the_persistent_tier(tiers, proxy):
         net = model()
         got = mgr.restore(model=net)
     assert got.step == 3 and got.path == f"{url}/step_00000003" and weight(net) == 3.0
-    assert any(p.endswith("/step_00000003/model.safetensors") for p in data_gets(proxy, since))
+    assert any(p.endswith("/model.safetensors") and "/step_00000003/" in p for p in data_gets(proxy, since))
 
 
 def test_a_damaged_local_file_falls_back_to_the_persistent_copy_of_the_same_step(tiers, proxy, caplog):

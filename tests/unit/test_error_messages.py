@@ -71,7 +71,7 @@ def test_a_damaged_local_step_has_one_stop_and_no_download_advice(tmp_path):
         CheckpointManager(run).restore(1, model=nn.Linear(4, 4))
     text = str(info.value)
     assert "...." not in text and "download" not in text
-    assert "model.safetensors has sha256" in text and "verify" in text
+    assert "model.safetensors has xxh3" in text and "verify" in text
 
 
 def test_a_non_scalar_metric_is_named():

@@ -60,6 +60,6 @@ def test_sizes_and_checksums_are_compared():
         check_sizes(m, {"model.safetensors": 10}, "src")
     with pytest.raises(ChecksumError, match="9 bytes"):
         check_sizes(m, {"model.safetensors": 9, "rev-1/extra.json": 3}, "src")
-    compare("f", FileEntry(10, SHA), FileEntry(10, SHA), "src")
-    with pytest.raises(ChecksumError, match="sha256"):
-        compare("f", FileEntry(10, "00" * 32), FileEntry(10, SHA), "src")
+    compare("f", FileEntry(10, SHA), FileEntry(10, SHA), "src", "sha256")
+    with pytest.raises(ChecksumError, match="f has sha256"):
+        compare("f", FileEntry(10, "00" * 32), FileEntry(10, SHA), "src", "sha256")

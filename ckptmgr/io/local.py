@@ -63,6 +63,20 @@ def storage_error(uri: str, exc: OSError) -> StorageError:
     return StorageError(f"writing {uri} failed: {exc}")
 
 
+@contextlib.contextmanager
+def opening(where: str, permission_hint: str = "check permissions") -> Iterator[None]:
+    """Turn what opening ``where`` for reading raises (missing, a directory, no permission) into typed errors."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        raise CheckpointNotFoundError(f"no such file: {where}") from exc
+    except IsADirectoryError as exc:
+        raise StorageError(f"{where} is a directory, not a file",
+                           "pass a checkpoint file or a manager directory") from exc
+    except PermissionError as exc:
+        raise StorageError(f"cannot read {where}: permission denied", permission_hint) from exc
+
+
 class LocalStore(Store):
     """A directory on a local (or network-mounted POSIX) filesystem."""
 
@@ -79,15 +93,8 @@ class LocalStore(Store):
     @contextlib.contextmanager
     def open_read(self, name: str = "") -> Iterator[IO[bytes]]:
         path = self.path(name)
-        try:
+        with opening(path):
             fh = open(path, "rb")
-        except FileNotFoundError as exc:
-            raise CheckpointNotFoundError(f"no such file: {path}") from exc
-        except IsADirectoryError as exc:
-            raise StorageError(f"{path} is a directory, not a file",
-                               "pass a checkpoint file or a manager directory") from exc
-        except PermissionError as exc:
-            raise StorageError(f"cannot read {path}: permission denied", "check permissions") from exc
         with fh:
             yield fh
 

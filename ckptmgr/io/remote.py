@@ -18,7 +18,7 @@ from typing import IO, Any, Dict, Iterator, List, Optional, Tuple
 
 from ..errors import CheckpointError, CheckpointNotFoundError, MissingDependencyError, StorageError, UnknownSchemeError
 from . import conditional
-from .local import storage_error
+from .local import opening, storage_error
 from .store import Options, Store
 from .uri import OBJECT_STORES, join, split_protocol
 
@@ -97,6 +97,22 @@ def remote_error(uri: str, exc: Exception, doing: str = "writing") -> StorageErr
                         "{'config_kwargs': {'retries': {'max_attempts': N, 'mode': 'standard'}}}")
 
 
+@contextlib.contextmanager
+def _reading(uri: str) -> Iterator[None]:
+    """Turn what a read of ``uri`` raises into typed errors: a missing object, or a client failure after its
+    retries (:func:`remote_error`); errors already typed pass through."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        raise CheckpointNotFoundError(f"no such file: {uri}") from exc
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        if _from_client(exc):
+            raise remote_error(uri, exc, "reading") from exc
+        raise
+
+
 class FsspecStore(Store):
     """A directory (prefix) on an fsspec filesystem; steps commit by writing the manifest last."""
 
@@ -145,37 +161,16 @@ class FsspecStore(Store):
         uri, path = self.uri(name), self.fs_path(name)
         # s3fs reads with If-Match on the ETag it listed; an object replaced since then must be read afresh
         self.fs.invalidate_cache(path)
-        try:
+        with _reading(uri), opening(uri, "check permissions and credentials"):
             fh = self.fs.open(path, "rb")
-        except FileNotFoundError as exc:
-            raise CheckpointNotFoundError(f"no such file: {uri}") from exc
-        except IsADirectoryError as exc:
-            raise StorageError(f"{uri} is a directory, not a file",
-                               "pass a checkpoint file or a manager directory") from exc
-        except PermissionError as exc:
-            raise StorageError(f"cannot read {uri}: permission denied", "check permissions and credentials") from exc
-        except CheckpointError:
-            raise
-        except Exception as exc:
-            if _from_client(exc):
-                raise remote_error(uri, exc, "reading") from exc
-            raise
         with fh:
             yield fh
 
     def read_range(self, name: str, start: int, length: int) -> bytes:
         # One ranged GET: a buffered file object would read ahead a whole block (MiBs) for a header.
         uri = self.uri(name)
-        try:
+        with _reading(uri):
             return bytes(self.fs.cat_file(self.fs_path(name), start=start, end=start + length))
-        except FileNotFoundError as exc:
-            raise CheckpointNotFoundError(f"no such file: {uri}") from exc
-        except CheckpointError:
-            raise
-        except Exception as exc:
-            if _from_client(exc):
-                raise remote_error(uri, exc, "reading") from exc
-            raise
 
     @contextlib.contextmanager
     def atomic_write(self, name: str = "") -> Iterator[IO[bytes]]:

@@ -49,15 +49,28 @@ def open_step(store: Store, step: int, signing_key: Optional[SigningKey] = None)
         SignatureError: a key is given and the manifest is not signed with it.
     """
     step_store = store.sub(step_name(step))
+    missing = CheckpointNotFoundError(f"step {step} has no committed checkpoint in {store.root}",
+                                      "`ckptmgr ls DIR` lists the committed steps")
+    return step_store, _checked_manifest(step_store, step, signing_key, missing)
+
+
+def _checked_manifest(step_store: Store, step: Optional[int], signing_key: Optional[SigningKey],
+                      missing: CheckpointNotFoundError) -> Manifest:
+    """``step_store``'s manifest, signed with the key (when one is given) and recording ``step`` (unless None).
+
+    Raises:
+        CheckpointNotFoundError: ``missing``, when there is no manifest.
+        CorruptCheckpointError: the manifest is damaged or records another step.
+        SignatureError: a key is given and the manifest is not signed with it.
+    """
     try:
         manifest = read_manifest(step_store)
     except CheckpointNotFoundError:
-        raise CheckpointNotFoundError(f"step {step} has no committed checkpoint in {store.root}",
-                                      "`ckptmgr ls DIR` lists the committed steps") from None
+        raise missing from None
     check_signature(manifest, signing_key, step_store.uri(MANIFEST_NAME))
-    if manifest.step != step:
+    if step is not None and manifest.step != step:
         raise CorruptCheckpointError(f"{step_store.root}: the manifest records step {manifest.step}")
-    return step_store, manifest
+    return manifest
 
 
 def check_signature(manifest: Manifest, signing_key: Optional[SigningKey], source: str) -> None:
@@ -212,14 +225,9 @@ def load_weights(step_store: Store, step: Optional[int] = None, map_location: Ma
         CheckpointFormatError: ``model_name`` was not saved, or it is None and several models were.
         SignatureError: ``signing_key`` is given and the manifest is not signed with it.
     """
-    try:
-        manifest = read_manifest(step_store)
-    except CheckpointNotFoundError:
-        raise CheckpointNotFoundError(f"{step_store.root} has no manifest: that save never committed",
-                                      "load another step; `ckptmgr ls DIR` lists committed ones") from None
-    check_signature(manifest, signing_key, step_store.uri(MANIFEST_NAME))
-    if step is not None and manifest.step != step:
-        raise CorruptCheckpointError(f"{step_store.root}: the manifest records step {manifest.step}")
+    manifest = _checked_manifest(step_store, step, signing_key, CheckpointNotFoundError(
+        f"{step_store.root} has no manifest: that save never committed",
+        "load another step; `ckptmgr ls DIR` lists committed ones"))
     fmt, names = format_of(manifest), manifest.model_names()
     name = manifest.file_for("meta")
     meta = read_component(step_store, manifest, name, True) if name else {}

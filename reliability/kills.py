@@ -32,7 +32,7 @@ import torch
 from ckptmgr import CheckpointManager
 from reliability.common import Tally
 from tests.support import crash_child as _crash_child
-from tests.support.crash import Zygote
+from tests.support.crash import Zygote, is_dead
 
 NAMED = ["save.prepare", "save.write", "save.after_data_file:1", "save.after_data_file:2", "save.after_data_file:3",
          "save.after_data_file:4", "save.before_manifest", "save.after_manifest", "save.after_rename",
@@ -41,14 +41,6 @@ NAMED = ["save.prepare", "save.write", "save.after_data_file:1", "save.after_dat
 
 
 _OUTCOMES = {"previous": 0, "new": 0, "idle": 0, "lost_to_retention": 0, "unloadable": 0, "leftovers_piling_up": 0}
-
-
-def _is_dead(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
 
 
 def _events(log: str, seen: int):
@@ -85,9 +77,9 @@ class _Run:
                                      **{"async": self.async_save})
         if point:
             deadline = time.monotonic() + 20
-            while not _is_dead(pid) and time.monotonic() < deadline:
+            while not is_dead(pid) and time.monotonic() < deadline:
                 time.sleep(0.005)
-            reached = _is_dead(pid)
+            reached = is_dead(pid)
         else:
             time.sleep(delay or 0.0)
         self.zygote.kill(pid)

@@ -21,12 +21,9 @@ read from the persistent tier, never an older one.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -34,43 +31,12 @@ from typing import Dict, List, Optional, Tuple
 
 from ckptmgr import CheckpointManager, inventory
 from reliability.common import Tally
+from tests.support.crash import Zygote, is_dead
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMED = ["save.write", "save.after_data_file:2", "tier.before_local_commit", "save.after_manifest",
          "tier.after_local_commit", "upload.start", "upload.after_file:2", "upload.before_manifest",
          "upload.after_manifest", "tier.after_local_delete", "retention.after_uncommit", "retention.between_deletes",
          "upload.before_manifest:3"]
-
-
-class _Zygote:
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "reliability.tiered_child"], cwd=ROOT, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-
-    def _send(self, line: str) -> str:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        return self.proc.stdout.readline().strip()
-
-    def fork(self, **job: object) -> int:
-        return int(self._send(json.dumps(job)))
-
-    def reap(self, pid: int) -> None:
-        assert self._send(f"wait {pid}") == f"reaped {pid}"
-
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        self.proc.wait(timeout=30)
-
-
-def _is_dead(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
 
 
 def _log(path: str) -> Tuple[Dict[str, List[int]], List[str]]:
@@ -110,7 +76,7 @@ def _check_persistent(url: str) -> List[int]:
 class _Run:
     """One pair of directories many savers are killed in; the checks after each kill."""
 
-    def __init__(self, base: str, root: str, zygote: _Zygote) -> None:
+    def __init__(self, base: str, root: str, zygote: Zygote) -> None:
         self.url, self.local, self.log = f"{base}/{uuid.uuid4().hex[:8]}", os.path.join(root, "local"), \
             os.path.join(root, "log")
         self.zygote, self.seen = zygote, {"begin": 0, "local": 0, "persistent": 0}
@@ -120,11 +86,11 @@ class _Run:
     def round(self, delay: Optional[float], point: Optional[str]) -> None:
         open(self.log, "w").close()
         env = {"CKPTMGR_FAULT_POINT": point} if point else {}
-        pid = self.zygote.fork(url=self.url, local=self.local, log=self.log, env=env)
+        pid = self.zygote.fork_saver(url=self.url, local=self.local, log=self.log, env=env)
         deadline = time.monotonic() + (delay if delay is not None else 60)
-        while not _is_dead(pid) and time.monotonic() < deadline:
+        while not is_dead(pid) and time.monotonic() < deadline:
             time.sleep(0.01)
-        if not _is_dead(pid):
+        if not is_dead(pid):
             os.kill(pid, 9)
         self.zygote.reap(pid)
         events, errors = _log(self.log)
@@ -164,7 +130,7 @@ def run_tiered_kills(rounds: int, named_repeats: int, base: str, seed: int = 0,
     """
     tally = Tally("tiered: kill -9 during local commit, upload and retention")
     rng = random.Random(seed)
-    zygote = _Zygote()
+    zygote = Zygote("reliability.tiered_child", close_timeout=30)
     root = tempfile.mkdtemp(prefix="ckptmgr-tiered-")
     try:
         run = _Run(base, root, zygote)

@@ -11,14 +11,13 @@ O_APPEND writes ``begin V`` before a save, ``local V`` once ``save`` returned
 """
 from __future__ import annotations
 
-import json
 import os
-import sys
 
 import torch
 from torch import nn
 
 import ckptmgr  # noqa: F401  (imported once, before forking)
+from tests.support.crash import serve
 
 MAX_TO_KEEP, LOCAL_MAX_TO_KEEP = 2, 1
 
@@ -51,24 +50,7 @@ def save_forever(url: str, local: str, log: str) -> None:
 def zygote() -> None:
     torch.set_num_threads(1)
     make_model()
-    for line in sys.stdin:
-        if line.startswith("wait "):
-            pid = int(line.split()[1])
-            os.waitpid(pid, 0)
-            print(f"reaped {pid}", flush=True)
-            continue
-        job = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            os.environ.update(job.get("env", {}))
-            try:
-                save_forever(job["url"], job["local"], job["log"])
-            except BaseException as exc:  # report, never fall back into the zygote's loop
-                with open(job["log"], "a") as fh:
-                    fh.write(f"error {type(exc).__name__}: {exc}\n".replace("\n", " ").rstrip() + "\n")
-            finally:
-                os._exit(1)
-        print(pid, flush=True)
+    serve(lambda job: save_forever(job["url"], job["local"], job["log"]))
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ with single O_APPEND writes, so the log says what was in flight when it died.
 """
 from __future__ import annotations
 
-import json
 import os
-import sys
 
 import torch
 from torch import nn
 
 from ckptmgr import CheckpointManager  # the API loads once here, before forking
+from tests.support.crash import serve
 
 
 def weights_value(model: nn.Module) -> float:
@@ -68,24 +67,7 @@ def zygote() -> None:
     torch.set_num_threads(1)  # no intra-op thread pool in the zygote: forking it stays safe
     model = make_model()      # optimizers import more of torch on first construction; do it once here
     torch.optim.Adam(model.parameters())
-    for line in sys.stdin:
-        if line.startswith("wait "):
-            pid = int(line.split()[1])
-            os.waitpid(pid, 0)
-            print(f"reaped {pid}", flush=True)
-            continue
-        job = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            os.environ.update(job.get("env", {}))  # e.g. CKPTMGR_FAULT_POINT: die at a named instant
-            try:
-                save_forever(job["directory"], job["log"], job["mode"], job["value"], job.get("async", False))
-            except BaseException as exc:  # report, never fall back into the zygote's loop
-                with open(job["log"], "a") as fh:
-                    fh.write(f"error {type(exc).__name__}: {exc}\n")
-            finally:
-                os._exit(1)
-        print(pid, flush=True)
+    serve(lambda job: save_forever(job["directory"], job["log"], job["mode"], job["value"], job.get("async", False)))
 
 
 if __name__ == "__main__":

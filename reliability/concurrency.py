@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import Any, Callable
 
 import ckptmgr
 from ckptmgr import CheckpointManager
@@ -23,27 +24,16 @@ def _pair(tally: Tally, directory: str, remote: bool) -> None:
     tally.trial("read-only use needs no lock", lambda: (second.all_steps() == [1] or _fail(second.all_steps()),
                                                        second.restore(model=small_model(1)).step == 1 or _fail()))
     if not remote:
-        def refused() -> None:
-            try:
-                second.save(2, model=model)
-            except ckptmgr.DirectoryInUseError:
-                return
-            _fail("the second job saved into a locked directory")
-        tally.trial("second job refused while the first runs", refused)
+        tally.trial("second job refused while the first runs",
+                    _refused(lambda: second.save(2, model=model), "the second job saved into a locked directory"))
         first.save(3, model=model)
         tally.trial("first job's steps intact", lambda: first.all_steps() == [1, 3] or _fail(first.all_steps()))
         first.close()
         tally.trial("after close the second job saves", lambda: second.save(4, model=model))
     else:
         second.save(2, model=model)  # a restarted (or mistaken) job takes the lease over
-
-        def fenced() -> None:
-            try:
-                first.save(3, model=model)
-            except ckptmgr.DirectoryInUseError:
-                return
-            _fail("the older job committed after a takeover")
-        tally.trial("older job fenced off after a takeover", fenced)
+        tally.trial("older job fenced off after a takeover",
+                    _refused(lambda: first.save(3, model=model), "the older job committed after a takeover"))
         tally.trial("no step from the fenced save; others intact",
                     lambda: second.all_steps() == [1, 2] or _fail(second.all_steps()))
     second.close()
@@ -52,6 +42,17 @@ def _pair(tally: Tally, directory: str, remote: bool) -> None:
 
 def _fail(what: object = "") -> None:
     raise AssertionError(str(what))
+
+
+def _refused(save: Callable[[], Any], why: str) -> Callable[[], None]:
+    """A trial passing when ``save`` raises DirectoryInUseError, failing with ``why`` when it saves."""
+    def trial() -> None:
+        try:
+            save()
+        except ckptmgr.DirectoryInUseError:
+            return
+        _fail(why)
+    return trial
 
 
 def run_concurrency(s3_url: str = "") -> Tally:

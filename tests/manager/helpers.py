@@ -9,6 +9,14 @@ import torch
 from torch import nn
 
 
+def filled(model: nn.Module, value: float) -> nn.Module:
+    """``model`` with every parameter set to ``value`` (an easy-to-tell-apart state); returns it."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(value)
+    return model
+
+
 def assert_same(a: Any, b: Any, path: str = "root") -> None:
     """Assert two state trees are bit-identical (tensors by torch.equal, dtype and shape too)."""
     if isinstance(a, torch.Tensor):

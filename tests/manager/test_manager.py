@@ -16,14 +16,7 @@ from ckptmgr import (
 from ckptmgr.format.manifest import FileEntry, Manifest
 from ckptmgr.io.local import LocalStore
 from tests.conftest import ConvNet
-from tests.manager.helpers import assert_same, entries, tmp_names
-
-
-def _fill(model, value):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(value)
-    return model
+from tests.manager.helpers import assert_same, entries, filled, tmp_names
 
 
 def _weights_value(model):
@@ -54,13 +47,13 @@ def test_only_committed_and_well_named_steps_are_listed(ckpt_dir, convnet):
 
 def test_saving_a_committed_step_needs_force(ckpt_dir, convnet):
     mgr = CheckpointManager(ckpt_dir)
-    mgr.save(1, model=_fill(convnet, 1.0))
+    mgr.save(1, model=filled(convnet, 1.0))
     with pytest.raises(CheckpointExistsError, match="force=True"):
-        mgr.save(1, model=_fill(convnet, 2.0))
+        mgr.save(1, model=filled(convnet, 2.0))
     fresh = ConvNet()
     mgr.restore(model=fresh)
     assert _weights_value(fresh) == 1.0
-    mgr.save(1, model=_fill(convnet, 3.0), force=True)
+    mgr.save(1, model=filled(convnet, 3.0), force=True)
     mgr.restore(model=fresh)
     assert _weights_value(fresh) == 3.0
     assert tmp_names(ckpt_dir) == [] and entries(ckpt_dir) == ["step_00000001"]
@@ -68,10 +61,10 @@ def test_saving_a_committed_step_needs_force(ckpt_dir, convnet):
 
 def test_force_without_atomic_exchange_and_recovery(ckpt_dir, convnet, monkeypatch):
     mgr = CheckpointManager(ckpt_dir)
-    mgr.save(1, model=_fill(convnet, 1.0))
+    mgr.save(1, model=filled(convnet, 1.0))
     # A kernel or filesystem without renameat2(RENAME_EXCHANGE): two renames instead.
     monkeypatch.setattr(LocalStore, "exchange_dirs", lambda self, a, b: False)
-    mgr.save(1, model=_fill(convnet, 2.0), force=True)
+    mgr.save(1, model=filled(convnet, 2.0), force=True)
     fresh = ConvNet()
     mgr.restore(model=fresh)
     assert _weights_value(fresh) == 2.0 and tmp_names(ckpt_dir) == []
@@ -82,7 +75,7 @@ def test_force_without_atomic_exchange_and_recovery(ckpt_dir, convnet, monkeypat
     mgr.close()
     mgr = CheckpointManager(ckpt_dir)
     assert mgr.all_steps() == []
-    mgr.save(2, model=_fill(convnet, 5.0))
+    mgr.save(2, model=filled(convnet, 5.0))
     assert mgr.all_steps() == [1, 2] and tmp_names(ckpt_dir) == []
     mgr.restore(1, model=fresh)
     assert _weights_value(fresh) == 2.0
@@ -213,8 +206,8 @@ def test_write_failure_after_some_files_leaves_nothing(ckpt_dir, convnet, monkey
 
 def test_restore_explicit_steps(ckpt_dir, convnet):
     mgr = CheckpointManager(ckpt_dir)
-    mgr.save(1, model=_fill(convnet, 1.0))
-    mgr.save(2, model=_fill(convnet, 2.0))
+    mgr.save(1, model=filled(convnet, 1.0))
+    mgr.save(2, model=filled(convnet, 2.0))
     fresh = ConvNet()
     assert mgr.restore(1, model=fresh).step == 1 and _weights_value(fresh) == 1.0
     with pytest.raises(CheckpointNotFoundError, match="step 3"):
@@ -233,7 +226,7 @@ def test_resume_from_latest(ckpt_dir, convnet):
 
 def test_load_checkpoint_reads_manager_directories(ckpt_dir, convnet):
     mgr = CheckpointManager(ckpt_dir)
-    mgr.save(100, model=_fill(ConvNet(), 1.0), meta={"who": "me"})
+    mgr.save(100, model=filled(ConvNet(), 1.0), meta={"who": "me"})
     mgr.save(200, model=convnet, metrics={"loss": 0.5})
     fresh = ConvNet()
     ckpt = ckptmgr.load_checkpoint(fresh, ckpt_dir, strict=True)
@@ -308,7 +301,7 @@ def test_other_fsspec_filesystems_work_too(convnet):
     url = "memory://ckptmgr-test-run"
     mgr = CheckpointManager(url, max_to_keep=2)
     for step in (1, 2, 3):
-        mgr.save(step, model=_fill(convnet, float(step)))
+        mgr.save(step, model=filled(convnet, float(step)))
     assert mgr.all_steps() == [2, 3]
     fresh = ConvNet()
     assert mgr.restore(model=fresh).step == 3 and _weights_value(fresh) == 3.0

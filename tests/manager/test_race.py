@@ -14,12 +14,12 @@ import threading
 
 import pytest
 import s3fs
-import torch
 
 from ckptmgr import CheckpointExistsError, CheckpointManager, DirectoryInUseError
 from ckptmgr.io import conditional
 from ckptmgr.io.remote import FsspecStore
 from tests.conftest import ConvNet
+from tests.manager.helpers import filled
 from tests.support.s3cond import atomic_conditional_puts
 
 pytestmark = pytest.mark.timeout(600)
@@ -27,11 +27,7 @@ ROUNDS = 50
 
 
 def _model(value):
-    model = ConvNet()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(value)
-    return model
+    return filled(ConvNet(), value)
 
 
 class _Interleave:

@@ -8,18 +8,11 @@ import torch
 import ckptmgr
 from ckptmgr import CheckpointExistsError, CheckpointManager, ChecksumError, StorageError
 from tests.conftest import ConvNet
-from tests.manager.helpers import assert_same
+from tests.manager.helpers import assert_same, filled
 
 
 def _fs():
     return s3fs.S3FileSystem(skip_instance_cache=True)
-
-
-def _fill(model, value):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(value)
-    return model
 
 
 def _names(url):
@@ -60,10 +53,10 @@ def test_keep_every_and_best_on_s3(s3, convnet):
 def test_force_on_s3_switches_atomically_and_drops_old_objects(s3, convnet):
     run = f"{s3}/c"
     mgr = CheckpointManager(run)
-    mgr.save(1, model=_fill(convnet, 1.0))
+    mgr.save(1, model=filled(convnet, 1.0))
     with pytest.raises(CheckpointExistsError):
-        mgr.save(1, model=_fill(convnet, 2.0))
-    mgr.save(1, model=_fill(convnet, 3.0), force=True)
+        mgr.save(1, model=filled(convnet, 2.0))
+    mgr.save(1, model=filled(convnet, 3.0), force=True)
     fs = _fs()
     files = sorted(p.split("step_00000001/", 1)[1] for p in fs.find(f"{run[5:]}/step_00000001"))
     assert "manifest.json" in files and len(files) == 4           # manifest + model, meta, rng of the new revision
@@ -71,7 +64,7 @@ def test_force_on_s3_switches_atomically_and_drops_old_objects(s3, convnet):
     fresh = ConvNet()
     mgr.restore(model=fresh)
     assert float(fresh.conv.weight.detach().flatten()[0]) == 3.0
-    mgr.save(1, model=_fill(convnet, 4.0), force=True)             # a second forced revision
+    mgr.save(1, model=filled(convnet, 4.0), force=True)             # a second forced revision
     mgr.restore(model=fresh)
     assert float(fresh.conv.weight.detach().flatten()[0]) == 4.0
     assert len(fs.find(f"{run[5:]}/step_00000001")) == 4
@@ -95,7 +88,7 @@ def test_uncommitted_uploads_are_invisible_and_cleaned(s3, convnet):
 def test_corrupt_object_falls_back_on_s3(s3, convnet):
     run = f"{s3}/e"
     mgr = CheckpointManager(run)
-    mgr.save(1, model=_fill(ConvNet(), 1.0))
+    mgr.save(1, model=filled(ConvNet(), 1.0))
     mgr.save(2, model=convnet)
     fs = _fs()
     model_file = json.loads(fs.cat(f"{run[5:]}/step_00000002/manifest.json"))["components"]["model"]
@@ -113,7 +106,7 @@ def test_corrupt_object_falls_back_on_s3(s3, convnet):
 def test_load_checkpoint_from_s3_manager_directories(s3, convnet):
     run = f"{s3}/f"
     mgr = CheckpointManager(run)
-    mgr.save(100, model=_fill(ConvNet(), 1.0))
+    mgr.save(100, model=filled(ConvNet(), 1.0))
     mgr.save(200, model=convnet)
     fresh = ConvNet()
     assert ckptmgr.load_checkpoint(fresh, run, strict=True)["step"] == 200

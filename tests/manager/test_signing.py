@@ -5,13 +5,13 @@ import os
 import shutil
 
 import pytest
-import torch
 
 import ckptmgr
 from ckptmgr import CheckpointManager
 from ckptmgr.errors import ChecksumError, CorruptCheckpointError, SignatureError, StorageError
 from ckptmgr.format.manifest import Manifest
 from tests.conftest import ConvNet
+from tests.manager.helpers import filled
 
 KEY_A = b"a" * 32
 KEY_B = b"b" * 32
@@ -19,11 +19,7 @@ FIXTURE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "
 
 
 def _model(value):
-    model = ConvNet()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(value)
-    return model
+    return filled(ConvNet(), value)
 
 
 def _value(model):

@@ -37,6 +37,18 @@ def _race(store, name, writers):
     return won
 
 
+def _own_client_store(moto_server, monkeypatch, prefix):
+    """A fresh bucket on the moto server and a Store on it whose s3fs client is its own (a test hooks its
+    requests); returns (bucket, store)."""
+    import s3fs
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": moto_server}.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
+    return bucket, open_store(f"s3://{bucket}/run", {"skip_instance_cache": True})
+
+
 def test_s3_create_only_and_compare_and_swap(s3):
     store = open_store(f"{s3}/run")
     assert store.conditional_writes()                  # moto honours If-None-Match: the probe says so
@@ -68,13 +80,7 @@ def test_s3_exactly_one_of_eight_racing_creates_wins(s3, monkeypatch):
 
 def test_s3_endpoint_that_ignores_the_header_falls_back(moto_server, monkeypatch):
     """A server that drops If-None-Match (older S3 clones) is detected by the probe, not trusted."""
-    import s3fs
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": moto_server}.items():
-        monkeypatch.setenv(name, value)
-    bucket = f"ignore-{uuid.uuid4().hex[:12]}"
-    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
-    store = open_store(f"s3://{bucket}/run", {"skip_instance_cache": True})
+    bucket, store = _own_client_store(moto_server, monkeypatch, "ignore")
 
     def drop_condition(request, **_):  # what such a server does with the header
         request.headers.pop("If-None-Match", None)
@@ -112,14 +118,8 @@ def test_memory_store_has_no_conditional_writes_but_checks(tmp_path):
 
 def test_s3_endpoint_that_rejects_the_header_falls_back(moto_server, monkeypatch):
     """A server that answers 501 NotImplemented to a conditional PUT is detected too; saves still work."""
-    import s3fs
     from aiobotocore.awsrequest import AioAWSResponse
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": moto_server}.items():
-        monkeypatch.setenv(name, value)
-    bucket = f"reject-{uuid.uuid4().hex[:12]}"
-    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
-    store = open_store(f"s3://{bucket}/run", {"skip_instance_cache": True})
+    _, store = _own_client_store(moto_server, monkeypatch, "reject")
     body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NotImplemented</Code>'
             b"<Message>A header you provided implies functionality that is not implemented</Message></Error>")
 

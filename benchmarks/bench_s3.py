@@ -5,12 +5,14 @@ process's interpreter lock. Figures are throughput ratios (raw time / manager ti
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
 import uuid
+from typing import Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,17 +43,28 @@ def start_moto() -> tuple:
     raise RuntimeError("moto_server did not start")
 
 
-def run(state_mib: float, repeats: int) -> dict:
+@contextlib.contextmanager
+def moto_bucket() -> Iterator[str]:
+    """A bucket on a moto server of its own (the AWS_* variables of this process point at it); stopped after."""
     proc, endpoint = start_moto()
     os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
     try:
         import s3fs
+        bucket = f"bench-{uuid.uuid4().hex[:8]}"
+        s3fs.S3FileSystem().mkdir(bucket)
+        yield bucket
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def run(state_mib: float, repeats: int) -> dict:
+    with moto_bucket() as bucket:
+        import s3fs
 
         import ckptmgr
         fs = s3fs.S3FileSystem()
-        bucket = f"bench-{uuid.uuid4().hex[:8]}"
-        fs.mkdir(bucket)
         model, opt, nbytes = make_state(state_mib)
         views = _raw_bytes(model, opt)
         manager = ckptmgr.CheckpointManager(f"s3://{bucket}/run", max_to_keep=1)
@@ -79,9 +92,6 @@ def run(state_mib: float, repeats: int) -> dict:
 
         samples = interleave({"raw_put": raw_put, "save": save, "raw_get": raw_get, "restore": restore}, repeats)
         manager.close()
-    finally:
-        proc.kill()
-        proc.wait()
     med = {name: median(values) for name, values in samples.items()}
     return {
         "metric": "s3", "state_bytes": nbytes, "repeats": repeats, "machine": machine(), "median_seconds": med,

@@ -16,23 +16,15 @@ from __future__ import annotations
 
 import os
 import sys
-import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_s3 import start_moto  # noqa: E402
+from bench_s3 import moto_bucket  # noqa: E402
 from common import base_parser, interleave, machine, make_state, median, run_in_scratch, timed  # noqa: E402
 
 
 def run(state_mib: float, repeats: int, scratch: str) -> dict:
-    proc, endpoint = start_moto()
-    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
-    try:
-        import s3fs
-
+    with moto_bucket() as bucket:
         import ckptmgr
-        bucket = f"bench-{uuid.uuid4().hex[:8]}"
-        s3fs.S3FileSystem().mkdir(bucket)
         model, opt, nbytes = make_state(state_mib)
         tiered = ckptmgr.CheckpointManager(f"s3://{bucket}/tiered", max_to_keep=1,
                                            local_dir=os.path.join(scratch, "local"), local_max_to_keep=1)
@@ -61,9 +53,6 @@ def run(state_mib: float, repeats: int, scratch: str) -> dict:
         }, repeats)
         tiered.close()
         direct.close()
-    finally:
-        proc.kill()
-        proc.wait()
     med = {name: median(values) for name, values in samples.items()}
     return {
         "metric": "tiered", "state_bytes": nbytes, "repeats": repeats, "machine": machine(), "median_seconds": med,

@@ -146,7 +146,6 @@ class CheckpointManager:
         self._restored_step: Optional[int] = None
         self._owner = DirectoryOwner(self.store)  # claimed at the first save, never by reads
         self._closed = False
-        self._tidied = False  # the first save lists the directory and removes leftovers
         self._tiers = None if local_dir is None else TieredSteps(Persistent(  # constructing it is a collective
             self.store, self._protocol, self.index, self._index_lock, self._owner, self._prepare_directory,
             lambda infos, protected=(): steps_to_delete(infos, self.keeping.policy, protected), self._reclaimer,
@@ -264,16 +263,16 @@ class CheckpointManager:
     def _prepare_directory(self, step: Optional[int] = None) -> None:
         """Rank 0, before a save's plan: claim the directory; the first save lists it and removes leftovers.
 
-        Later saves need no listing (a failed save removes what it wrote; the claim keeps other jobs out; the
+        Later saves list only after a removal failed (``protocol.leftovers``; the claim keeps other jobs out, the
         index records commits and deletes), so a save costs the same with 1 or 1000 steps. ``step``'s own
         leftovers stay: another job may be about to commit it (see :mod:`ckptmgr.step.commit`)."""
         self._reclaimer.wait()  # the previous retention's deletes are finished before we list
         self._owner.claim()  # before cleaning: never tidy away another job's in-flight save
         with self._index_lock:
-            if not self._tidied:
+            if self._protocol.leftovers:  # at the first save, and after a removal failed
+                self._protocol.leftovers = False
                 self.index.refresh()
                 self._protocol.clean_leftovers(self.index.names, [s for s in self.index.uncommitted if s != step])
-                self._tidied = True
         self.keeping.resolve()  # the first save decides the retention settings from this listing
         if step is not None:
             self._advice.step_order(step, max(self.index.known(), default=None))

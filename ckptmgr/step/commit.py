@@ -50,13 +50,6 @@ __all__ = ["CommitProtocol", "RenameCommit", "ManifestLastCommit", "protocol_for
 Reclaim = Callable[[], None]
 
 
-def _quietly(func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-    try:
-        func(*args, **kwargs)
-    except Exception as exc:  # tidying is best effort; the next save tries again
-        logger.warning("could not remove %s: %s", args[0] if args else "?", exc)
-
-
 class CommitProtocol(abc.ABC):
     """The commit protocol of one manager directory (``store``).
 
@@ -68,6 +61,27 @@ class CommitProtocol(abc.ABC):
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        #: The directory may hold what crashed or failed saves and deletes left behind, for the next save's
+        #: :meth:`clean_leftovers`. True at first (a crashed job may have left some); set again by any removal
+        #: here that fails, so a manager that lists its directory only when this is set never lets them pile up.
+        self.leftovers = True
+
+    def _quietly(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        try:
+            func(*args, **kwargs)
+        except Exception as exc:  # tidying is best effort; the next save tries again
+            self.leftovers = True
+            logger.warning("could not remove %s: %s", args[0] if args else "?", exc)
+
+    def _noting_failure(self, reclaim: Reclaim) -> Reclaim:
+        """``reclaim``, which sets :attr:`leftovers` when it fails (what it could not free is a leftover)."""
+        def run() -> None:
+            try:
+                reclaim()
+            except BaseException:
+                self.leftovers = True
+                raise
+        return run
 
     def _check_target(self, step: int, force: bool) -> str:
         final = step_name(step)
@@ -156,7 +170,7 @@ class RenameCommit(CommitProtocol):
             self.store.rename_dir(plan.write_dir, plan.final)
             return
         if self.store.exchange_dirs(plan.write_dir, plan.final):
-            _quietly(self.store.remove, plan.write_dir, recursive=True)  # now holds the replaced checkpoint
+            self._quietly(self.store.remove, plan.write_dir, recursive=True)  # now holds the replaced checkpoint
             return
         # No atomic swap here: the one window where neither copy has the final name.
         # clean_leftovers() renames the old copy back if the process dies in it.
@@ -167,10 +181,10 @@ class RenameCommit(CommitProtocol):
         except BaseException:
             self.store.rename_dir(old, plan.final)  # put the old checkpoint back before reporting
             raise
-        _quietly(self.store.remove, old, recursive=True)
+        self._quietly(self.store.remove, old, recursive=True)
 
     def abort(self, plan: WritePlan) -> None:
-        _quietly(self.store.remove, plan.write_dir, recursive=True)
+        self._quietly(self.store.remove, plan.write_dir, recursive=True)
 
     def uncommit(self, step: int) -> Reclaim:
         trash = temp_name(step)
@@ -180,7 +194,7 @@ class RenameCommit(CommitProtocol):
         def reclaim() -> None:
             self.store.remove(f"{trash}/{MANIFEST_NAME}")
             self.store.remove(trash, recursive=True)
-        return reclaim
+        return self._noting_failure(reclaim)
 
     def clean_leftovers(self, names: Iterable[str], uncommitted: Iterable[int] = ()) -> List[str]:
         # A local save never writes into a final step directory, so an uncommitted one is not ours to remove.
@@ -188,12 +202,12 @@ class RenameCommit(CommitProtocol):
         done = []
         for name in sorted(present):
             if is_temp_name(name):
-                _quietly(self.store.remove, name, recursive=True)
+                self._quietly(self.store.remove, name, recursive=True)
                 done.append(name)
             elif parse_old_name(name):
                 target = parse_old_name(name)
                 if target in present:
-                    _quietly(self.store.remove, name, recursive=True)
+                    self._quietly(self.store.remove, name, recursive=True)
                 else:  # the process died between the two renames of a forced save: roll back
                     logger.warning("restoring %s from %s (a forced save was interrupted)", target, name)
                     self.store.rename_dir(name, str(target))
@@ -231,7 +245,7 @@ class ManifestLastCommit(CommitProtocol):
                     "two jobs must not save into one directory: stop one of them") from exc
         fault_point("save.after_manifest")  # the manifest PUT is the commit
         if plan.prefix:
-            _quietly(self._sweep, plan.final, manifest, data)
+            self._quietly(self._sweep, plan.final, manifest, data)
 
     def _sweep(self, final: str, manifest: Manifest, data: bytes) -> None:
         """Remove what a committed step's manifest does not list: a replaced revision, files of saves that
@@ -241,25 +255,25 @@ class ManifestLastCommit(CommitProtocol):
         keep = set(manifest.files) | {MANIFEST_NAME}
         for name in self.store.list_files(final):
             if name not in keep:
-                _quietly(self.store.remove, f"{final}/{name}")
+                self._quietly(self.store.remove, f"{final}/{name}")
 
     def abort(self, plan: WritePlan) -> None:
         def remove(target: str) -> None:
             if plan.prefix or not self.store.exists(f"{plan.final}/{MANIFEST_NAME}"):  # never another job's commit
                 self.store.remove(target, recursive=True)
-        _quietly(remove, plan.write_dir if plan.prefix else plan.final)
+        self._quietly(remove, plan.write_dir if plan.prefix else plan.final)
 
     def uncommit(self, step: int) -> Reclaim:
         final = step_name(step)
         self.store.remove(f"{final}/{MANIFEST_NAME}")
         fault_point("retention.after_uncommit")
-        return lambda: self.store.remove(final, recursive=True)
+        return self._noting_failure(lambda: self.store.remove(final, recursive=True))
 
     def clean_leftovers(self, names: Iterable[str], uncommitted: Iterable[int] = ()) -> List[str]:
         # Step prefixes without a manifest are interrupted uploads here: nothing else writes them.
         done = []
         for step in uncommitted:
-            _quietly(self.store.remove, step_name(step), recursive=True)
+            self._quietly(self.store.remove, step_name(step), recursive=True)
             done.append(step_name(step))
         return done
 

@@ -1,4 +1,5 @@
 """CheckpointManager on local disk: commit, listing, force, leftovers, retention, errors, loading."""
+import errno
 import os
 import shutil
 
@@ -114,6 +115,27 @@ def test_only_the_first_save_lists_the_directory(ckpt_dir, convnet, monkeypatch)
     assert mgr.all_steps() == [4, 5] and len(listings) == first + 1
     mgr.close()
     assert entries(ckpt_dir) == ["step_00000004", "step_00000005"]
+
+
+def test_a_delete_that_failed_is_cleaned_up_by_the_next_save(ckpt_dir, convnet, monkeypatch, caplog):
+    """Later saves do not list the directory, unless a removal failed: then the next one lists and cleans."""
+    mgr = CheckpointManager(ckpt_dir, max_to_keep=1)
+    mgr.save(1, model=convnet)
+    real = LocalStore.remove
+    failed = []
+
+    def remove_once_failing(self, name="", recursive=False):
+        if recursive and name.startswith(".tmp-step_00000001") and not failed:
+            failed.append(name)
+            raise OSError(errno.EIO, "injected failure")
+        return real(self, name, recursive)
+    monkeypatch.setattr(LocalStore, "remove", remove_once_failing)
+    mgr.save(2, model=convnet)   # retention drops step 1; freeing its space fails
+    mgr._reclaimer.wait()        # the background delete has run (and failed)
+    assert failed and os.path.isdir(os.path.join(ckpt_dir, failed[0])) and "could not free" in caplog.text
+    mgr.save(3, model=convnet)   # lists again and removes the leftover
+    mgr.close()
+    assert entries(ckpt_dir) == ["step_00000003"]
 
 
 def test_max_to_keep_three_over_ten_saves_keeps_foreign_files(ckpt_dir, convnet):

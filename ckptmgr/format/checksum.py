@@ -24,15 +24,18 @@ file names use sha256 directly (that is their published convention).
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
+import stat
 import threading
 from dataclasses import dataclass
-from typing import IO, Any, Callable, List, Optional
+from typing import IO, Any, Callable, List, Optional, Sequence, Tuple
 
-from ..errors import CheckpointFormatError
+from ..errors import CheckpointFormatError, CorruptCheckpointError
+from .pieces import InOrder, read_pieces, usable_cpus
 
-__all__ = ["CHECKSUMS", "DEFAULT_CHECKSUM", "PIECE", "CHUNK", "FileEntry", "check_checksum", "hex_digits",
-           "new_hash", "digest_of", "StreamDigest", "HashingWriter", "HashingReader", "METERS"]
+__all__ = ["CHECKSUMS", "DEFAULT_CHECKSUM", "PIECE", "CHUNK", "SPLIT_FROM", "FileEntry", "check_checksum",
+           "hex_digits", "new_hash", "digest_of", "StreamDigest", "HashingWriter", "HashingReader", "METERS"]
 
 #: Callbacks told how many bytes every HashingWriter/HashingReader moved (progress of a save or a
 #: restore, see :mod:`ckptmgr.step.progress`); empty, it costs one truth test per piece.
@@ -49,6 +52,8 @@ INLINE_PIECE = 512 * 1024     # inline hashing: a piece stays in the L2 cache be
 PIECE = 8 * 1024 * 1024       # threaded hashing: large pieces, so queue hand-offs are rare
 CHUNK = 4 * 1024 * 1024       # reads when streaming a whole file
 _THREADED_FROM = 1024 * 1024  # below this, feeding the helper thread costs more than it saves
+SPLIT_FROM = 4 * 1024 * 1024  # a local read this large is spread over several threads (HashingReader.fill)
+_MAX_READERS = 4
 
 
 @dataclass(frozen=True)
@@ -237,6 +242,50 @@ class HashingReader:
         self._seen(view[:n])
         return n
 
+    def fill(self, targets: Sequence[Tuple[str, memoryview]]) -> None:
+        """Fill byte views that lie back to back in the file from the current position, in that order.
+
+        ``targets`` are ``(name, view)`` pairs; the name only labels errors. A
+        local file and at least :data:`SPLIT_FROM` bytes are read on several
+        threads (positional reads of interleaved segments, so one large file
+        uses every core); the pieces are still hashed in stream order, each as
+        soon as every piece before it has landed, by whichever thread lands it.
+        The file position ends after the last byte filled.
+
+        Raises:
+            CorruptCheckpointError: the file ends before the last view is full.
+        """
+        total = sum(len(view) for _, view in targets)
+        fd = self._positional_fd() if total >= SPLIT_FROM else None
+        if fd is None:
+            for name, view in targets:
+                got = 0
+                while got < len(view):
+                    n = self.readinto(view[got:])
+                    if not n:
+                        raise CorruptCheckpointError(f"the data of '{name}' ends early (truncated file)")
+                    got += n
+            return
+        start = self._fh.tell()
+        piece = self._digest.piece if self._digest is not None else INLINE_PIECE
+        pieces = [(name, view[at:at + piece]) for name, view in targets for at in range(0, len(view), piece)]
+        order = InOrder(None if self._digest is None else self._digest.update, [view for _, view in pieces], METERS)
+        try:
+            read_pieces(fd, start, pieces, order.landed, min(_MAX_READERS, usable_cpus()))
+        finally:  # on an error, the file goes on from the first piece not landed: finish() hashes the rest in order
+            self.size += order.done
+            self._fh.seek(start + order.done)
+
+    def _positional_fd(self) -> Optional[int]:
+        """The descriptor of a local regular file that ``os.preadv`` may read at any offset, or None."""
+        if not hasattr(os, "preadv"):
+            return None
+        try:
+            fd = self._fh.fileno()
+            return fd if stat.S_ISREG(os.fstat(fd).st_mode) and self._fh.seekable() else None
+        except (AttributeError, OSError, ValueError):
+            return None
+
     def finish(self) -> FileEntry:
         """Read whatever is left and return the size and digest (empty without a checksum) of the stream."""
         if self._digest is not None and self._digest.inline and hasattr(self._fh, "readinto"):
@@ -247,3 +296,4 @@ class HashingReader:
             while self.read(CHUNK):
                 pass
         return FileEntry(self.size, self._digest.hexdigest() if self._digest is not None else "")
+

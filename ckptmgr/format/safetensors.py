@@ -48,7 +48,7 @@ class BinaryWriter(Protocol):
 
 
 class BinaryReader(Protocol):
-    """What the reader needs of a file: ``read`` (``readinto`` is used when present)."""
+    """What the reader needs of a file: ``read`` (``readinto``, and ``fill`` of a HashingReader, used when present)."""
 
     def read(self, n: int = -1, /) -> bytes:
         """Read up to ``n`` bytes."""
@@ -202,17 +202,23 @@ def read_safetensors(fileobj: BinaryReader, size: Optional[int] = None, map_loca
     metadata = header.pop("__metadata__", {}) or {}
     entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
     out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    fills = []
     for name, entry in entries:
         dtype = _DTYPE_FROM_CODE[entry["dtype"]]
         shape = tuple(entry["shape"])
         target = (into or {}).get(name)
-        if (isinstance(target, torch.Tensor) and target.device.type == "cpu" and target.dtype == dtype
+        if not (isinstance(target, torch.Tensor) and target.device.type == "cpu" and target.dtype == dtype
                 and tuple(target.shape) == shape and target.is_contiguous()):
-            _read_exact(fileobj, tensor_bytes(target.detach()), name)
-            out[name] = map_tensor(target, map_location)
-            continue
-        tensor = torch.empty(shape, dtype=dtype)
-        _read_exact(fileobj, tensor_bytes(tensor), name)
+            target = torch.empty(shape, dtype=dtype)
+        out[name] = target
+        fills.append((name, tensor_bytes(target.detach()).cast("B")))
+    fill = getattr(fileobj, "fill", None)
+    if fill is not None:  # a HashingReader: large local files are read on several threads
+        fill(fills)
+    else:
+        for name, view in fills:
+            _read_exact(fileobj, view, name)
+    for name, tensor in out.items():
         out[name] = map_tensor(tensor, map_location)
     return out, metadata
 

@@ -95,3 +95,46 @@ def test_dcp_files_are_hashed_while_written_not_read_back(tmp_path, monkeypatch,
     fresh = plain_model()
     assert CheckpointManager(directory).restore(model=fresh, optimizer=torch.optim.AdamW(fresh.parameters())).step == 1
     assert_same(model.state_dict(), fresh.state_dict())
+
+
+def _large():
+    """A model and AdamW state whose files are each past SPLIT_FROM, so restores read them on several threads."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 1536), torch.nn.Linear(1536, 8))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(2, 1024)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("checksum", ["xxh3", "sha256"])
+@pytest.mark.parametrize("in_place", [True, False])
+def test_large_files_are_read_on_several_threads_and_still_verified(tmp_path, monkeypatch, checksum, in_place):
+    from ckptmgr.format import checksum as checksums
+    split = []
+    real = checksums.read_pieces
+    monkeypatch.setattr(checksums, "read_pieces", lambda fd, start, pieces, landed, n: (
+        split.append(sum(len(view) for _, view in pieces)), real(fd, start, pieces, landed, max(n, 2)))[1])
+    directory = str(tmp_path / "run")
+    model, opt = _large()
+    with CheckpointManager(directory, checksum=checksum) as mgr:
+        mgr.save(1, model=model, optimizer=opt)
+    fresh, _ = _large()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    with CheckpointManager(directory) as mgr:
+        assert mgr.restore(model=fresh, optimizer=fresh_opt, in_place=in_place).step == 1
+    assert len(split) == 2 and min(split) >= checksums.SPLIT_FROM  # the weights and the moments
+    assert_same(model.state_dict(), fresh.state_dict())
+    assert_same(opt.state_dict()["state"], fresh_opt.state_dict()["state"])
+    for name, where in (("model.safetensors", 0.5), ("optimizer.safetensors", 0.77)):
+        path = os.path.join(directory, "step_00000001", name)
+        with open(path, "r+b") as fh:  # one bit, deep inside the part another thread reads
+            fh.seek(int(os.path.getsize(path) * where))
+            byte = fh.read(1)
+            fh.seek(-1, os.SEEK_CUR)
+            fh.write(bytes([byte[0] ^ 0x01]))
+        with pytest.raises(ChecksumError, match=f"{name} has {checksum}"):
+            CheckpointManager(directory).restore(1, model=fresh, optimizer=fresh_opt, in_place=in_place)
+        with open(path, "r+b") as fh:
+            fh.seek(int(os.path.getsize(path) * where))
+            fh.write(byte)

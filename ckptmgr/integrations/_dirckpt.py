@@ -44,7 +44,7 @@ from ..io.access import open_store
 from ..io.local import LocalStore
 from ..io.store import Options, Store
 from ..step.commit import CommitProtocol, protocol_for, run_reclaims
-from ..step.files import read_all, read_component, read_model, run_concurrently, write_component, write_model
+from ..step.files import read_component, read_files, read_model, run_concurrently, write_component, write_model
 from ..step.index import read_manifests
 from ..step.names import leftover_step, parse_step_name, step_name
 
@@ -253,7 +253,7 @@ def _read_step(store: Store, manifest: Manifest, map_location: MapLocation, trus
             jobs[name] = functools.partial(read_component, store, manifest, file, True, map_location)
     if pickled is not None:
         jobs[PICKLED] = functools.partial(_read_pickled, store, manifest, pickled, map_location)
-    done = read_all(store, jobs)
+    done = read_files(store, jobs)
     model = None
     if "model" in done:
         model, module_meta = done.pop("model")

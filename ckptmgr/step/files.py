@@ -35,7 +35,7 @@ from ..io.store import Store
 logger = logging.getLogger(__name__)
 
 __all__ = ["WORKERS", "write_component", "write_model", "read_component", "read_model", "read_manifest", "probe",
-           "verify_file", "run_concurrently", "read_all",  # verify_file: re-exported from ckptmgr.format.manifest
+           "verify_file", "run_concurrently", "read_files",  # verify_file: re-exported from ckptmgr.format.manifest
            "spare_cores"]
 
 WORKERS = max(2, min(4, os.cpu_count() or 2))  # files of one step written or read at once
@@ -85,12 +85,12 @@ def run_concurrently(jobs: Mapping[str, Callable[[], Any]], name: str, cpu_bound
         return {key: future.result() for key, future in futures.items()}
 
 
-def read_all(store: Store, jobs: Mapping[str, Callable[[], Any]]) -> Dict[str, Any]:
-    """Run read jobs (one per file of ``store``): local files one after another, remote ones at once.
+def read_files(store: Store, jobs: Mapping[str, Callable[[], Any]]) -> Dict[str, Any]:
+    """Run the read jobs of a step's files (one per file of ``store``): local files one after another, remote at once.
 
     A local file of :data:`~ckptmgr.format.checksum.SPLIT_FROM` bytes or more
-    is read on every core by itself (:meth:`HashingReader.fill`), so reading two
-    large files at once would only put twice as many threads on the same
+    is read on every core by itself (:meth:`HashingReader.fill`), so reading
+    two large files at once would only put twice as many threads on the same
     cores (measured: a 480 MiB restore took 0.088 s one file at a time, 0.103 s
     two at a time). Remote reads mostly wait on the network and overlap.
     """

@@ -26,7 +26,7 @@ from ..state import engines, objects
 from ..state.partial import FROZEN
 from ..state.staging import StagingBuffers
 from . import models, rankstate
-from .files import read_all, read_component, read_model, run_concurrently, write_component
+from .files import read_component, read_files, read_model, run_concurrently, write_component
 from .records import COMPONENTS, Applied, LoadedStep, ModelStates, RankFiles, Snapshot, TrainingObjects
 
 logger = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ class StepFormat:
             if name is not None:
                 jobs[comp] = functools.partial(read_component, store, manifest, name, verify, map_location,
                                                into.get(comp))
-        done = read_all(store, jobs)
+        done = read_files(store, jobs)
         model = models.gather(manifest, done) if self.reads_model else None
         loaded = LoadedStep(manifest, store.root, model=model, components=done)
         name = manifest.rng_file(rank)

@@ -46,3 +46,34 @@ def test_parallel_staging_copies_exactly_and_reuses_its_buffers(many_slices):
     assert {k: v.data_ptr() for k, v in buffers._buffers.items()} == first   # same buffers, refilled
     buffers.release()
     assert buffers._pool is None and buffers.nbytes == 0
+
+
+@pytest.mark.parametrize("count", [2, 3, 4])
+def test_copies_are_cut_into_runs_of_neighbours_with_about_equal_bytes(count):
+    sizes = [100, 1, 1, 1, 50, 50, 50, 50, 1, 100, 7, 7, 7, 7]
+    pairs = [(None, b"x" * size) for size in sizes]
+    runs = staging._runs(pairs, count)
+    assert [pair for run in runs for pair in run] == pairs           # every pair once, in order
+    assert len(runs) == count and all(runs)
+    totals = [sum(len(src) for _, src in run) for run in runs]
+    share = sum(sizes) / count
+    assert all(abs(total - share) <= max(sizes) for total in totals), totals   # off by at most about a pair
+    assert staging._runs([(None, b"y" * 10)] * 3, 4) == [[(None, b"y" * 10)]] * 3   # never an empty run
+    assert staging._runs([(None, b"")] * 2, 2) == [[(None, b"")] * 2]
+
+
+def test_the_calling_thread_copies_a_run_itself(many_slices, monkeypatch):
+    import threading
+    copiers = set()
+    real = staging._copy_all
+
+    def spy(pairs):
+        copiers.add(threading.current_thread().name)
+        real(pairs)
+    monkeypatch.setattr(staging, "_copy_all", spy)
+    buffers = StagingBuffers(pin_memory=False)
+    tree = _tree()
+    assert _same(tree, buffers.stage_tree(tree))
+    assert threading.current_thread().name in copiers
+    assert any(name.startswith("ckptmgr-stage") for name in copiers)
+    buffers.release()

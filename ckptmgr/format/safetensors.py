@@ -11,11 +11,12 @@ with ``safetensors.torch.load_file`` and vice versa (tested).
 """
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import struct
 from collections import OrderedDict
-from typing import Any, Dict, Mapping, Optional, Protocol, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Tuple
 
 import torch
 
@@ -203,12 +204,15 @@ def read_safetensors(fileobj: BinaryReader, size: Optional[int] = None, map_loca
     entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
     out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
     fills = []
+    taken = _Spans()
     for name, entry in entries:
         dtype = _DTYPE_FROM_CODE[entry["dtype"]]
         shape = tuple(entry["shape"])
         target = (into or {}).get(name)
         if not (isinstance(target, torch.Tensor) and target.device.type == "cpu" and target.dtype == dtype
-                and tuple(target.shape) == shape and target.is_contiguous()):
+                and tuple(target.shape) == shape and target.is_contiguous() and taken.claim(target)):
+            # tied weights (two names, one tensor) are read once in place and once into a copy: bytes
+            # landing twice in one place, on two threads, could hide a damaged copy from the checksum
             target = torch.empty(shape, dtype=dtype)
         out[name] = target
         fills.append((name, tensor_bytes(target.detach()).cast("B")))
@@ -221,6 +225,27 @@ def read_safetensors(fileobj: BinaryReader, size: Optional[int] = None, map_loca
     for name, tensor in out.items():
         out[name] = map_tensor(tensor, map_location)
     return out, metadata
+
+
+class _Spans:
+    """The memory ranges of the tensors a read fills in place, to keep any byte from being filled twice."""
+
+    def __init__(self) -> None:
+        self._starts: List[int] = []
+        self._ends: List[int] = []
+
+    def claim(self, tensor: torch.Tensor) -> bool:
+        """Take ``tensor``'s bytes; False (nothing taken) when they overlap bytes already taken."""
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        if end == start:
+            return True
+        at = bisect.bisect_right(self._starts, start)
+        if (at and self._ends[at - 1] > start) or (at < len(self._starts) and self._starts[at] < end):
+            return False
+        self._starts.insert(at, start)
+        self._ends.insert(at, end)
+        return True
 
 
 def _read_exact(fileobj: BinaryReader, view: memoryview, name: str) -> None:

@@ -138,3 +138,41 @@ def test_large_files_are_read_on_several_threads_and_still_verified(tmp_path, mo
         with open(path, "r+b") as fh:
             fh.seek(int(os.path.getsize(path) * where))
             fh.write(byte)
+
+
+class _Tied(torch.nn.Module):
+    """An embedding and an output layer sharing one weight, large enough to be read on several threads."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(2048, 1024)
+        self.head = torch.nn.Linear(1024, 2048, bias=False)
+        self.head.weight = self.emb.weight
+
+
+@pytest.mark.parametrize("damaged", ["emb.weight", "head.weight"])
+def test_either_copy_of_a_tied_weight_damaged_is_caught_when_read_in_place(tmp_path, damaged):
+    from ckptmgr.format.safetensors import read_safetensors_header
+    directory = str(tmp_path / "run")
+    torch.manual_seed(0)
+    model = _Tied()
+    with CheckpointManager(directory) as mgr:
+        mgr.save(1, model=model)
+    path = os.path.join(directory, "step_00000001", "model.safetensors")
+    with open(path, "rb") as fh:
+        header, data_start = read_safetensors_header(fh)
+    start, end = header[damaged]["data_offsets"]
+    with open(path, "r+b") as fh:  # both copies are stored; damage one in its middle
+        fh.seek(data_start + (start + end) // 2)
+        byte = fh.read(1)
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([byte[0] ^ 0x04]))
+    fresh = _Tied()
+    with pytest.raises(ChecksumError, match="model.safetensors has xxh3"):
+        CheckpointManager(directory).restore(1, model=fresh, in_place=True)
+    with open(path, "r+b") as fh:
+        fh.seek(data_start + (start + end) // 2)
+        fh.write(byte)
+    with CheckpointManager(directory) as mgr:
+        assert mgr.restore(1, model=fresh, in_place=True).step == 1
+    assert fresh.head.weight is fresh.emb.weight and torch.equal(fresh.emb.weight, model.emb.weight)

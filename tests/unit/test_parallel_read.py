@@ -112,3 +112,15 @@ def test_a_gap_holds_back_every_later_piece():
     assert order.done == 1  # piece 1 is missing: piece 2 waits
     order.landed(1)
     assert order.done == 6
+
+
+def test_a_read_fills_each_byte_of_memory_once_so_aliased_targets_get_a_copy():
+    import torch
+
+    from ckptmgr.format.safetensors import _Spans
+    base = torch.zeros(100)
+    spans = _Spans()
+    assert spans.claim(base[10:20]) and spans.claim(base[30:40]) and spans.claim(base[20:30])
+    assert not spans.claim(base[10:20]) and not spans.claim(base[15:16]) and not spans.claim(base[39:45])
+    assert not spans.claim(base[0:11]) and spans.claim(base[0:10]) and spans.claim(base[40:100])
+    assert spans.claim(torch.zeros(0)) and spans.claim(torch.zeros(3))

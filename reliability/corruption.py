@@ -1,8 +1,9 @@
 """Scenario 3: every file kind truncated, bit-flipped or garbled must give a typed error, never a silent load.
 
 Kinds: a manager step's manifest, weights, optimizer, RNG, extra and meta
-files, and single files written by ``save_checkpoint`` (``.pth`` and
-``.safetensors``). Damage: truncation at 0, 1, 8, header end - 1 / + 1,
+files; the weights and optimizer files of a larger step, which restores read
+on several threads (each past ``SPLIT_FROM``); and single files written by
+``save_checkpoint`` (``.pth`` and ``.safetensors``). Damage: truncation at 0, 1, 8, header end - 1 / + 1,
 random offsets and size - 1; random single-bit flips; garbage JSON. Each case
 runs under a 30 s alarm (a hang is a failure).
 
@@ -30,6 +31,7 @@ from ckptmgr.format.manifest import Manifest
 from reliability.common import Tally, expect_typed, small_model
 
 LIMIT_S = 30
+LARGE = "larger step, read on several threads: "
 
 
 def _alarm(signum: int, frame: Any) -> None:
@@ -49,11 +51,37 @@ def _build(root: str, checksum: Optional[str]) -> Dict[str, str]:
     kinds = {"manifest": "manifest.json", "weights": "model.safetensors", "optimizer": "optimizer.safetensors",
              "rng": "rng-rank00000.safetensors", "extra": "extra.safetensors", "meta": "meta.json"}
     out = {kind: os.path.join(step, name) for kind, name in kinds.items()}
+    out.update(_build_large(root, checksum))
     out["single .pth"] = os.path.join(root, "single.pth")
     out["single .safetensors"] = os.path.join(root, "single.safetensors")
     ckptmgr.save_checkpoint(model, out["single .pth"], optimizer=opt)
     ckptmgr.save_checkpoint(model, out["single .safetensors"])
     return out
+
+
+def _build_large(root: str, checksum: Optional[str]) -> Dict[str, str]:
+    """A committed step 1 of :func:`_large_model` in ``root/large``; returns its two large kinds -> path."""
+    model = _large_model(0)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 1024)).sum().backward()
+    opt.step()
+    with CheckpointManager(os.path.join(root, "large"), **({"checksum": checksum} if checksum else {})) as mgr:
+        mgr.save(1, model=model, optimizer=opt)
+    step = os.path.join(root, "large", "step_00000001")
+    return {f"{LARGE}weights": os.path.join(step, "model.safetensors"),
+            f"{LARGE}optimizer": os.path.join(step, "optimizer.safetensors")}
+
+
+def _large_model(seed: int) -> torch.nn.Module:
+    """Weights of 5 MiB (Adam moments: 10 MiB), so both files are read on several threads."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(1024, 1280), torch.nn.Linear(1280, 4))
+
+
+def _flipped(data: bytes, bit: int) -> bytes:
+    out = bytearray(data)
+    out[bit // 8] ^= 1 << (bit % 8)
+    return bytes(out)
 
 
 def _header_end(data: bytes) -> int:
@@ -72,13 +100,18 @@ def damages(data: bytes, rng: random.Random, offsets: int, flips: int) -> List[T
                                                   if 0 <= c < size]
     for _ in range(flips):
         bit = rng.randrange(size * 8)
-        out.append((f"flip bit {bit}", lambda bit=bit: bytes(
-            b ^ (1 << (bit % 8)) if i == bit // 8 else b for i, b in enumerate(data))))
+        out.append((f"flip bit {bit}", lambda bit=bit: _flipped(data, bit)))
     out.append(("garbage JSON", lambda: b'{"format": "ckptmgr.checkpoint", "files": [1, 2,'))
     return out
 
 
 def _load(kind: str, path: str, run: str, verify: bool) -> Callable[[], Any]:
+    if kind.startswith(LARGE):
+        model = _large_model(1)
+        opt = torch.optim.Adam(model.parameters())
+        large = os.path.join(os.path.dirname(run), "large")
+        return lambda: CheckpointManager(large, max_to_keep=None).restore(1, model=model, optimizer=opt,
+                                                                          verify=verify)
     model = small_model(1)
     if kind.startswith("single"):
         return lambda: ckptmgr.load_checkpoint(model, path, strict=True)

@@ -87,8 +87,9 @@ def plan(quick: bool):
         }
     return {
         "import": ("bench_import.py", []),
-        "save": ("bench_save.py", []),
-        "load": ("bench_load.py", []),
+        # the disk's speed moves from one save to the next on a shared machine: more samples per median
+        "save": ("bench_save.py", ["--repeats", "9"]),
+        "load": ("bench_load.py", ["--repeats", "9"]),
         "train_loop": ("bench_train_loop.py", []),
         "memory": ("bench_memory.py", []),
         "s3": ("bench_s3.py", []),

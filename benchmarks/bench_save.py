@@ -7,7 +7,9 @@ M2  async save() blocking time / sync save time
     async save() blocking time / dcp.async_save() blocking time
 M6  async save() call-to-committed time / sync save time
 Every variant saves the same state, interleaved; each peer's previous files are
-removed outside the clock.
+removed outside the clock, and every variant starts after the managers'
+background deletes ended and ``os.sync()`` returned (the disk here is mounted
+with ``discard``: a delete's TRIM would otherwise land in the next fsync).
 """
 from __future__ import annotations
 
@@ -43,11 +45,20 @@ def run(state_mib: float, repeats: int, scratch: str, with_accelerate: bool = Tr
     blocking = []
     dcp_blocking = []
 
+    def settle():
+        # Deleting the previous files is not part of a save (the manager frees dropped steps' space
+        # in the background after save returns; the baselines unlink theirs), so every variant starts
+        # after those deletes and after the filesystem committed them: on a disk mounted with
+        # `discard` (this machine's), the journal commit that follows an unlink TRIMs the freed
+        # blocks, and would bill that to whichever save fsyncs next.
+        for manager in (sync_mgr, async_mgr):
+            manager._reclaimer.wait()
+        os.sync()
+
     def drop(path):
-        # Deleting the previous file is not part of a save (the manager frees dropped
-        # steps' space after save returns), so the baselines do it outside the clock too.
         if os.path.exists(path):
             os.unlink(path)
+        settle()
 
     def raw():
         drop(raw_path)
@@ -63,11 +74,13 @@ def run(state_mib: float, repeats: int, scratch: str, with_accelerate: bool = Tr
     def peer(what, save):
         def run_one():
             peers.drop(what)
+            settle()
             return timed(save)
         return run_one
 
     def dcp_async():
         peers.drop("dcp")
+        settle()
 
         def save_and_commit():
             start = time.perf_counter()
@@ -78,10 +91,12 @@ def run(state_mib: float, repeats: int, scratch: str, with_accelerate: bool = Tr
 
     def sync_save():
         step["sync"] += 1
+        settle()
         return timed(lambda: sync_mgr.save(step["sync"], model=model, optimizer=opt))
 
     def async_save():
         step["async"] += 1
+        settle()
 
         def save_and_commit():
             blocking.append(timed(lambda: async_mgr.save(step["async"], model=model, optimizer=opt)))

@@ -296,4 +296,3 @@ class HashingReader:
             while self.read(CHUNK):
                 pass
         return FileEntry(self.size, self._digest.hexdigest() if self._digest is not None else "")
-

@@ -39,6 +39,7 @@ _DTYPE_FROM_CODE = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 _ITEMSIZE = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in SAFETENSORS_DTYPES}
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # what the safetensors reference reader also refuses past
+READ_GROUP = 256 * 1024 * 1024  # tensors read at once (then moved to map_location), at least one
 
 
 class BinaryWriter(Protocol):
@@ -203,8 +204,20 @@ def read_safetensors(fileobj: BinaryReader, size: Optional[int] = None, map_loca
     metadata = header.pop("__metadata__", {}) or {}
     entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
     out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-    fills = []
+    group: List[Tuple[str, memoryview]] = []
+    grouped = 0  # bytes in group
     taken = _Spans()
+
+    def read_group() -> None:
+        fill = getattr(fileobj, "fill", None)
+        if fill is not None:  # a HashingReader: large local files are read on several threads
+            fill(group)
+        else:
+            for name, view in group:
+                _read_exact(fileobj, view, name)
+        for name, _ in group:  # moved (map_location) group by group: a GPU restore holds one group in host memory
+            out[name] = map_tensor(out[name], map_location)
+        group.clear()
     for name, entry in entries:
         dtype = _DTYPE_FROM_CODE[entry["dtype"]]
         shape = tuple(entry["shape"])
@@ -215,15 +228,12 @@ def read_safetensors(fileobj: BinaryReader, size: Optional[int] = None, map_loca
             # landing twice in one place, on two threads, could hide a damaged copy from the checksum
             target = torch.empty(shape, dtype=dtype)
         out[name] = target
-        fills.append((name, tensor_bytes(target.detach()).cast("B")))
-    fill = getattr(fileobj, "fill", None)
-    if fill is not None:  # a HashingReader: large local files are read on several threads
-        fill(fills)
-    else:
-        for name, view in fills:
-            _read_exact(fileobj, view, name)
-    for name, tensor in out.items():
-        out[name] = map_tensor(tensor, map_location)
+        group.append((name, tensor_bytes(target.detach()).cast("B")))
+        grouped += len(group[-1][1])
+        if grouped >= READ_GROUP:
+            read_group()
+            grouped = 0
+    read_group()
     return out, metadata
 
 

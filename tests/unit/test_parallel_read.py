@@ -124,3 +124,30 @@ def test_a_read_fills_each_byte_of_memory_once_so_aliased_targets_get_a_copy():
     assert not spans.claim(base[10:20]) and not spans.claim(base[15:16]) and not spans.claim(base[39:45])
     assert not spans.claim(base[0:11]) and spans.claim(base[0:10]) and spans.claim(base[40:100])
     assert spans.claim(torch.zeros(0)) and spans.claim(torch.zeros(3))
+
+
+@pytest.mark.parametrize("group", [1, 3 * 1024 * 1024, 1 << 40])
+def test_tensors_are_read_group_by_group_with_one_checksum_over_the_file(tmp_path, monkeypatch, group):
+    import torch
+
+    from ckptmgr.format import safetensors
+    from ckptmgr.format.checksum import HashingWriter
+    monkeypatch.setattr(safetensors, "READ_GROUP", group)
+    moved = []  # bytes of the file read when each tensor was moved to map_location
+    real_map = safetensors.map_tensor
+    monkeypatch.setattr(safetensors, "map_tensor", lambda t, loc: (moved.append(reader.size), real_map(t, loc))[1])
+    torch.manual_seed(0)
+    tensors = {f"t{i}": torch.randn(n) for i, n in enumerate([10, 2_000_000, 5, 1_500_000, 700_000])}
+    path = tmp_path / "x.safetensors"
+    with open(path, "wb") as fh:
+        writer = HashingWriter(fh, "xxh3")
+        safetensors.write_safetensors(writer, tensors)
+        written = writer.entry()
+    with open(path, "rb") as fh:
+        reader = HashingReader(fh, "xxh3")
+        got, _ = safetensors.read_safetensors(reader, size=written.size)
+        assert reader.finish() == written
+    assert list(got) == list(tensors) and all(torch.equal(got[k], v) for k, v in tensors.items())
+    assert len(moved) == len(tensors)
+    # small groups: the first tensors are moved before the last are read (a GPU restore's host memory stays bounded)
+    assert (moved[0] < written.size) == (group < 1 << 40)

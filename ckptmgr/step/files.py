@@ -28,6 +28,7 @@ from ..format.checkpoint_file import MODULE_META_KEY
 from ..format.checksum import FileEntry, HashingReader, HashingWriter
 from ..format.manifest import MANIFEST_NAME, Manifest, compare, verify_file
 from ..format.maplocation import MapLocation
+from ..format.pieces import usable_cpus
 from ..format.safetensors import read_safetensors, write_safetensors
 from ..format.skeleton import SKELETON_KEY, from_skeleton, to_skeleton
 from ..io.store import Store
@@ -43,13 +44,6 @@ Tensors = Optional[Mapping[str, torch.Tensor]]
 _limit = threading.local()  # .workers: how many threads spare_cores() lets the calling thread use
 
 
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 @contextlib.contextmanager
 def spare_cores() -> Iterator[int]:
     """Within this block, the calling thread runs files on no more threads than training leaves free.
@@ -59,7 +53,7 @@ def spare_cores() -> Iterator[int]:
     threads than the cores left over only makes them fight the loop for CPU.
     The save then takes longer in the background and costs the loop less.
     """
-    spare = max(1, min(WORKERS, _usable_cpus() - torch.get_num_threads()))
+    spare = max(1, min(WORKERS, usable_cpus() - torch.get_num_threads()))
     previous = getattr(_limit, "workers", None)
     _limit.workers = spare
     try:

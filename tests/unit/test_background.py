@@ -15,7 +15,7 @@ def _jobs(seen):
 
 
 def test_without_spare_cores_the_files_of_a_step_are_written_on_the_calling_thread(monkeypatch):
-    monkeypatch.setattr(files, "_usable_cpus", lambda: 2)
+    monkeypatch.setattr(files, "usable_cpus", lambda: 2)
     before = torch.get_num_threads()
     torch.set_num_threads(2)                      # training's torch ops take both cores
     try:

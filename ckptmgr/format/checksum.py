@@ -31,8 +31,8 @@ import threading
 from dataclasses import dataclass
 from typing import IO, Any, Callable, List, Optional, Sequence, Tuple
 
-from ..errors import CheckpointFormatError, CorruptCheckpointError
-from .pieces import InOrder, read_pieces, usable_cpus
+from ..errors import CheckpointFormatError
+from .pieces import InOrder, fill_exact, read_pieces, usable_cpus
 
 __all__ = ["CHECKSUMS", "DEFAULT_CHECKSUM", "PIECE", "CHUNK", "SPLIT_FROM", "FileEntry", "check_checksum",
            "hex_digits", "new_hash", "digest_of", "StreamDigest", "HashingWriter", "HashingReader", "METERS"]
@@ -259,12 +259,7 @@ class HashingReader:
         fd = self._positional_fd() if total >= SPLIT_FROM else None
         if fd is None:
             for name, view in targets:
-                got = 0
-                while got < len(view):
-                    n = self.readinto(view[got:])
-                    if not n:
-                        raise CorruptCheckpointError(f"the data of '{name}' ends early (truncated file)")
-                    got += n
+                fill_exact(self, view, name)
             return
         start = self._fh.tell()
         piece = self._digest.piece if self._digest is not None else INLINE_PIECE

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from ..errors import CorruptCheckpointError
 
-__all__ = ["SEGMENT", "InOrder", "read_pieces", "usable_cpus"]
+__all__ = ["SEGMENT", "InOrder", "fill_exact", "read_pieces", "usable_cpus"]
 
 SEGMENT = 1024 * 1024  # what one thread reads before it takes the next segment: about 2 pieces, which stay in cache
 
@@ -27,6 +27,30 @@ def usable_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def _ends_early(name: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"the data of '{name}' ends early (truncated file)")
+
+
+def fill_exact(fileobj: Any, view: memoryview, name: str) -> None:
+    """Fill the byte view ``view`` from ``fileobj``'s position with ``readinto`` (or ``read`` where it has none).
+
+    Raises:
+        CorruptCheckpointError: the file ends first (``name`` labels the data).
+    """
+    readinto = getattr(fileobj, "readinto", None)
+    got = 0
+    while got < len(view):
+        if readinto is not None:
+            n = readinto(view[got:]) or 0
+        else:
+            chunk = fileobj.read(len(view) - got)
+            n = len(chunk)
+            view[got:got + n] = chunk
+        if not n:
+            raise _ends_early(name)
+        got += n
 
 
 class InOrder:
@@ -118,7 +142,7 @@ def read_pieces(fd: int, start: int, pieces: Sequence[Tuple[str, memoryview]], l
                     while got < len(view):
                         n = os.preadv(fd, [view[got:]], offsets[i] + got)
                         if not n:
-                            raise CorruptCheckpointError(f"the data of '{name}' ends early (truncated file)")
+                            raise _ends_early(name)
                         got += n
                     landed(i)
             except BaseException as exc:  # raised by the caller once every thread stopped

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import CorruptCheckpointError, UnserializableStateError
 from .maplocation import MapLocation, map_tensor
+from .pieces import fill_exact
 
 __all__ = ["SAFETENSORS_DTYPES", "MAX_HEADER_BYTES", "write_safetensors", "read_safetensors_header",
            "read_safetensors", "tensor_bytes", "stand_ins"]
@@ -208,13 +209,14 @@ def read_safetensors(fileobj: BinaryReader, size: Optional[int] = None, map_loca
     grouped = 0  # bytes in group
     taken = _Spans()
 
+    fill = getattr(fileobj, "fill", None)  # a HashingReader's: large local files are read on several threads
+
     def read_group() -> None:
-        fill = getattr(fileobj, "fill", None)
-        if fill is not None:  # a HashingReader: large local files are read on several threads
+        if fill is not None:
             fill(group)
         else:
             for name, view in group:
-                _read_exact(fileobj, view, name)
+                fill_exact(fileobj, view, name)
         for name, _ in group:  # moved (map_location) group by group: a GPU restore holds one group in host memory
             out[name] = map_tensor(out[name], map_location)
         group.clear()
@@ -256,18 +258,3 @@ class _Spans:
         self._starts.insert(at, start)
         self._ends.insert(at, end)
         return True
-
-
-def _read_exact(fileobj: BinaryReader, view: memoryview, name: str) -> None:
-    view = view.cast("B") if view.format != "B" else view
-    got = 0
-    while got < len(view):
-        readinto = getattr(fileobj, "readinto", None)
-        n = readinto(view[got:]) if readinto is not None else None
-        if n is None:
-            chunk = fileobj.read(len(view) - got)
-            n = len(chunk)
-            view[got:got + n] = chunk
-        if not n:
-            raise CorruptCheckpointError(f"safetensors data for '{name}' ends early (truncated file)")
-        got += n

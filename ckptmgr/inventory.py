@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .errors import CheckpointError, CheckpointFormatError, CheckpointNotFoundError, DirectoryInUseError, SignatureError
 from .format.checksum import HashingReader
-from .format.manifest import MANIFEST_NAME, Manifest
+from .format.manifest import MANIFEST_NAME, Manifest, damaged_range
 from .format.signing import SigningKey
 from .io.access import open_store
 from .io.store import Options, Store
@@ -199,8 +199,9 @@ def check_step(step_uri: Any, storage_options: Options = None, signing_key: Opti
         if got.size != want.size:
             problems.append(f"{name}: {got.size} bytes, the manifest recorded {want.size}")
         elif got.digest != want.digest:
+            where = damaged_range(store, name, want, manifest.checksum)
             problems.append(f"{name}: {manifest.checksum} {got.digest[:16]}... differs from the manifest's "
-                            f"{want.digest[:16]}...")
+                            f"{want.digest[:16]}..." + (f" ({where} changed)" if where else ""))
     return StepCheck(store.root, manifest, problems, signed_by=signed_by)
 
 

@@ -18,7 +18,9 @@ Both ``hashlib`` and ``xxhash`` release the interpreter lock while they
 hash a buffer, so hashing never holds the GIL in a Python loop; the loops
 below run once per piece (a megabyte or more), not per small chunk.
 :class:`HashingWriter` and :class:`HashingReader` hash what passes through
-them, so verifying a file needs no second pass. Downloads and published
+them, so verifying a file needs no second pass. A large xxh3 file also has
+the digest of each :data:`PART` bytes recorded (:mod:`ckptmgr.format.parts`),
+which lets a restore verify it on every core. Downloads and published
 file names use sha256 directly (that is their published convention).
 """
 from __future__ import annotations
@@ -28,14 +30,16 @@ import os
 import queue
 import stat
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any, Callable, List, Optional, Sequence, Tuple
 
 from ..errors import CheckpointFormatError
+from .parts import PartDigests
 from .pieces import InOrder, fill_exact, read_pieces, usable_cpus
 
-__all__ = ["CHECKSUMS", "DEFAULT_CHECKSUM", "PIECE", "CHUNK", "SPLIT_FROM", "FileEntry", "check_checksum",
-           "hex_digits", "new_hash", "digest_of", "StreamDigest", "HashingWriter", "HashingReader", "METERS"]
+__all__ = ["CHECKSUMS", "DEFAULT_CHECKSUM", "PIECE", "CHUNK", "SPLIT_FROM", "PART", "FileEntry",
+           "check_checksum", "hex_digits", "new_hash", "digest_of", "StreamDigest", "HashingWriter",
+           "HashingReader", "METERS"]
 
 #: Callbacks told how many bytes every HashingWriter/HashingReader moved (progress of a save or a
 #: restore, see :mod:`ckptmgr.step.progress`); empty, it costs one truth test per piece.
@@ -54,14 +58,26 @@ CHUNK = 4 * 1024 * 1024       # reads when streaming a whole file
 _THREADED_FROM = 1024 * 1024  # below this, feeding the helper thread costs more than it saves
 SPLIT_FROM = 4 * 1024 * 1024  # a local read this large is spread over several threads (HashingReader.fill)
 _MAX_READERS = 4
+#: A file larger than this also gets the digest of each PART-byte part in the manifest (FileEntry.parts),
+#: which a restore verifies part by part: a thread that reads a part hashes it while it is in its own cache.
+PART = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
 class FileEntry:
-    """Size and checksum (hex digest; its algorithm is the manifest's) of one file of a checkpoint."""
+    """Size and checksum (hex digest; its algorithm is the manifest's) of one file of a checkpoint.
+
+    ``parts`` are the digests (same algorithm) of the file's consecutive
+    ``part_size``-byte parts, the last one shorter; empty when not recorded
+    (small files, sha256, checkpoints written before parts were). They are
+    a second record of the same bytes, so two entries are equal when size and
+    whole-file digest are.
+    """
 
     size: int
     digest: str
+    parts: Tuple[str, ...] = field(default=(), compare=False)
+    part_size: int = field(default=0, compare=False)
 
 
 def check_checksum(name: Any) -> str:
@@ -175,11 +191,15 @@ class HashingWriter:
     Args:
         fileobj: The file to write through to.
         checksum: The algorithm (one of :data:`CHECKSUMS`).
+        parts: Also record the digest of every :data:`PART` bytes (:attr:`FileEntry.parts`) when the file
+            is larger than one part; only for inline algorithms (xxh3), whose second hash of a piece
+            still in cache costs little.
     """
 
-    def __init__(self, fileobj: IO[bytes], checksum: str) -> None:
+    def __init__(self, fileobj: IO[bytes], checksum: str, parts: bool = False) -> None:
         self._fh = fileobj
         self._digest = StreamDigest(checksum)
+        self._parts = PartDigests(lambda: new_hash(checksum), PART) if parts and self._digest.inline else None
         self.size = 0
 
     def write(self, data: Any) -> int:
@@ -189,6 +209,8 @@ class HashingWriter:
         for start in range(0, len(view), step):
             piece = view[start:start + step]
             self._digest.update(piece)  # inline: pulls the piece into cache, and the write copies it from there
+            if self._parts is not None:
+                self._parts.feed(self.size + start, piece)
             self._fh.write(piece)
             for meter in METERS:
                 meter(len(piece))
@@ -197,27 +219,44 @@ class HashingWriter:
 
     def entry(self) -> FileEntry:
         """The size and digest of everything written so far (call once, after the last write)."""
+        if self._parts is not None and self.size > self._parts.size:
+            return FileEntry(self.size, self._digest.hexdigest(), self._parts.digests(self.size), self._parts.size)
         return FileEntry(self.size, self._digest.hexdigest())
 
 
 class HashingReader:
     """A read-only file wrapper that counts (and, given a checksum, hashes) every byte read.
 
-    It lets a loader verify a file in the same pass that parses it.
+    It lets a loader verify a file in the same pass that parses it. Given
+    the ``expected`` entry of an inline checksum (xxh3) with part digests,
+    it hashes part by part instead of the whole stream, and :meth:`finish`
+    returns the parts' digests (its ``digest`` is then empty): a large read
+    is then spread over threads that each hash the parts they read, while
+    those are still in their own cache (see :meth:`fill`).
 
     Args:
         fileobj: The file to read from.
         checksum: The algorithm (one of :data:`CHECKSUMS`), or None to only count bytes.
+        expected: The manifest's entry for the file, when it is known.
     """
 
-    def __init__(self, fileobj: IO[bytes], checksum: Optional[str]) -> None:
+    def __init__(self, fileobj: IO[bytes], checksum: Optional[str], expected: Optional[FileEntry] = None) -> None:
         self._fh = fileobj
-        self._digest = StreamDigest(checksum) if checksum is not None else None
+        self._parts: Optional[PartDigests] = None
+        self._digest: Optional[StreamDigest] = None
+        if checksum is not None and checksum in _INLINE and expected is not None and expected.parts:
+            self._parts = PartDigests(lambda: new_hash(checksum), expected.part_size)
+        elif checksum is not None:
+            self._digest = StreamDigest(checksum)
+        self._hashing = checksum is not None
+        self._broken = False  # part digests that no longer describe the file in order (after a failed fill)
         self.size = 0
 
     def _seen(self, data: Any) -> None:
         if self._digest is not None:
             self._digest.update(data)
+        elif self._parts is not None:
+            self._parts.feed(self.size, data)
         self.size += len(data)
         for meter in METERS:
             meter(len(data))
@@ -231,8 +270,8 @@ class HashingReader:
     def readinto(self, buf: Any) -> int:
         """Read into a writable buffer, at most one piece at a time, hashing each piece as it lands."""
         view = memoryview(buf).cast("B")
-        if self._digest is not None:
-            view = view[:self._digest.piece]
+        if self._hashing:
+            view = view[:self._digest.piece if self._digest is not None else INLINE_PIECE]
         if hasattr(self._fh, "readinto"):
             n = self._fh.readinto(view) or 0
         else:
@@ -248,9 +287,11 @@ class HashingReader:
         ``targets`` are ``(name, view)`` pairs; the name only labels errors. A
         local file and at least :data:`SPLIT_FROM` bytes are read on several
         threads (positional reads of interleaved segments, so one large file
-        uses every core); the pieces are still hashed in stream order, each as
-        soon as every piece before it has landed, by whichever thread lands it.
-        The file position ends after the last byte filled.
+        uses every core). A whole-file digest still sees the pieces in stream
+        order, each hashed as soon as every piece before it has landed, by
+        whichever thread lands it; part digests are fed by the thread that
+        reads the part, which takes the whole part. The file position ends
+        after the last byte filled.
 
         Raises:
             CorruptCheckpointError: the file ends before the last view is full.
@@ -262,12 +303,26 @@ class HashingReader:
                 fill_exact(self, view, name)
             return
         start = self._fh.tell()
-        piece = self._digest.piece if self._digest is not None else INLINE_PIECE
-        pieces = [(name, view[at:at + piece]) for name, view in targets for at in range(0, len(view), piece)]
-        order = InOrder(None if self._digest is None else self._digest.update, [view for _, view in pieces], METERS)
+        if self._parts is not None:
+            pieces, segments, hashes = self._parts.cut(self.size, targets, INLINE_PIECE)
+        else:
+            piece = self._digest.piece if self._digest is not None else INLINE_PIECE
+            pieces = [(name, view[at:at + piece]) for name, view in targets for at in range(0, len(view), piece)]
+            segments = None
+        views = [view for _, view in pieces]
+        order = InOrder(None if self._digest is None else self._digest.update, views, METERS)
+        landed: Callable[[int], None] = order.landed
+        if self._parts is not None:
+            def by_part(i: int) -> None:  # the part's own hash, on the thread that reads the whole part
+                hashes[i].update(views[i])
+                order.landed(i)
+            landed = by_part
         try:
-            read_pieces(fd, start, pieces, order.landed, min(_MAX_READERS, usable_cpus()))
-        finally:  # on an error, the file goes on from the first piece not landed: finish() hashes the rest in order
+            read_pieces(fd, start, pieces, landed, min(_MAX_READERS, usable_cpus()), segments)
+        except BaseException:
+            self._broken = self._parts is not None  # parts past the first gap may hold bytes out of order
+            raise
+        finally:  # on an error, the file goes on from the first piece not landed: finish() reads the rest in order
             self.size += order.done
             self._fh.seek(start + order.done)
 
@@ -282,12 +337,21 @@ class HashingReader:
             return None
 
     def finish(self) -> FileEntry:
-        """Read whatever is left and return the size and digest (empty without a checksum) of the stream."""
-        if self._digest is not None and self._digest.inline and hasattr(self._fh, "readinto"):
-            buf = bytearray(self._digest.piece)  # reused: the whole rest of the file passes through the cache
+        """Read whatever is left and return the size and digest (empty without a checksum) of the stream.
+
+        With part digests, the entry holds them and an empty ``digest``; after
+        a failed :meth:`fill` it holds neither, so it matches no manifest entry.
+        """
+        inline = self._parts is not None or (self._digest is not None and self._digest.inline)
+        if inline and hasattr(self._fh, "readinto"):
+            buf = bytearray(INLINE_PIECE)  # reused: the whole rest of the file passes through the cache
             while self.readinto(buf):
                 pass
         else:
             while self.read(CHUNK):
                 pass
+        if self._parts is not None:
+            if self._broken:
+                return FileEntry(self.size, "")
+            return FileEntry(self.size, "", self._parts.digests(self.size), self._parts.size)
         return FileEntry(self.size, self._digest.hexdigest() if self._digest is not None else "")

@@ -20,12 +20,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
-from ..errors import CheckpointFormatError, ChecksumError, CorruptCheckpointError
+from ..errors import CheckpointError, CheckpointFormatError, ChecksumError, CorruptCheckpointError
 from ..io.store import Store
 from .checksum import CHECKSUMS, FileEntry, HashingReader, hex_digits
 
 __all__ = ["MANIFEST_NAME", "FORMAT", "FORMAT_VERSION", "FileEntry", "Manifest", "version_for", "check_sizes",
-           "compare", "verify_file"]
+           "compare", "verify_file", "damaged_range"]
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "ckptmgr.checkpoint"
@@ -93,7 +93,7 @@ class Manifest:
             "format": FORMAT, "format_version": self.format_version, "step": self.step,
             "time": self.time, "world_size": self.world_size, "metrics": self.metrics,
             "components": self.components,
-            "files": {name: {"size": e.size, self.checksum: e.digest} for name, e in sorted(self.files.items())},
+            "files": {name: _entry_json(e, self.checksum) for name, e in sorted(self.files.items())},
         }
         if self.checksum != "sha256":  # absent means sha256: a sha256 manifest is laid out as 0.1 wrote it
             body["checksum"] = self.checksum
@@ -141,7 +141,7 @@ class Manifest:
             raise CheckpointFormatError(f"{source} uses the checksum {checksum!r}; this ckptmgr knows "
                                         f"{', '.join(CHECKSUMS)}", "upgrade ckptmgr to read this checkpoint")
         try:
-            files = {str(n): FileEntry(int(e["size"]), str(e[checksum])) for n, e in body["files"].items()}
+            files = {str(n): _entry(e, checksum) for n, e in body["files"].items()}
             manifest = cls(step=int(body["step"]), files=files, components=dict(body["components"]),
                            metrics=dict(body.get("metrics") or {}), world_size=int(body.get("world_size", 1)),
                            time=str(body.get("time", "")), checksum=checksum, format_version=version,
@@ -151,8 +151,10 @@ class Manifest:
             raise CorruptCheckpointError(f"{source} is malformed: {exc!r}") from exc
         digits = hex_digits(checksum)
         for name, entry in files.items():
-            if (not _FILE_RE.match(name) or ".." in name or len(entry.digest) != digits
-                    or not _HEX.match(entry.digest) or entry.size < 0):
+            if (not _FILE_RE.match(name) or ".." in name or entry.size < 0
+                    or not all(len(d) == digits and _HEX.match(d) for d in (entry.digest, *entry.parts))
+                    or (entry.parts and (entry.part_size <= 0
+                                         or len(entry.parts) != -(-entry.size // entry.part_size)))):
                 raise CorruptCheckpointError(f"{source} lists an invalid file entry {name!r}")
         return manifest
 
@@ -176,6 +178,25 @@ class Manifest:
         """The RNG file written by ``rank``, or None."""
         table = self.components.get("rng") or {}
         return table.get(str(rank)) if isinstance(table, dict) else None
+
+
+def _entry_json(entry: FileEntry, checksum: str) -> Dict[str, Any]:
+    """A file's manifest entry: ``{"size", <checksum>: digest}``, and its part digests when it has them."""
+    out: Dict[str, Any] = {"size": entry.size, checksum: entry.digest}
+    if entry.parts:  # an optional field (format may grow): readers without it verify the whole-file digest
+        out["parts"] = {"size": entry.part_size, checksum: list(entry.parts)}
+    return out
+
+
+def _entry(value: Mapping[str, Any], checksum: str) -> FileEntry:
+    """Parse a file's manifest entry (see :func:`_entry_json`); a malformed one raises KeyError/TypeError/ValueError."""
+    parts = value.get("parts")
+    if parts is None:
+        return FileEntry(int(value["size"]), str(value[checksum]))
+    digests = parts[checksum]
+    if not isinstance(digests, list):
+        raise TypeError(f"part digests must be a list, not {type(digests).__name__}")
+    return FileEntry(int(value["size"]), str(value[checksum]), tuple(str(d) for d in digests), int(parts["size"]))
 
 
 def _signature(value: Any) -> Optional[Dict[str, str]]:
@@ -212,9 +233,23 @@ def check_sizes(manifest: Manifest, present: Mapping[str, int], source: str) -> 
 
 
 def compare(name: str, got: FileEntry, want: FileEntry, source: str, checksum: str) -> None:
-    """Raise ChecksumError when ``got`` differs from ``want`` (digests of algorithm ``checksum``)."""
+    """Raise ChecksumError when ``got`` differs from ``want`` (digests of algorithm ``checksum``).
+
+    ``got`` holding part digests (a reader verified part by part) is compared
+    part by part with ``want``'s, and the error names the first damaged byte
+    range; otherwise the whole-file digests are compared.
+    """
     if got.size != want.size:
         raise ChecksumError(f"{source}: {name} is {got.size} bytes, the manifest recorded {want.size}")
+    if got.parts:
+        if (got.part_size, got.parts) != (want.part_size, want.parts):
+            bad = next((i for i, (a, b) in enumerate(zip(got.parts, want.parts)) if a != b), 0)
+            first = bad * got.part_size
+            last = min(first + got.part_size, got.size) - 1
+            recorded = want.parts[bad][:16] if bad < len(want.parts) else "-"
+            raise ChecksumError(f"{source}: {name} has {checksum} {got.parts[bad][:16]}... in bytes {first}-{last} "
+                                f"where the manifest recorded {recorded}... (its bytes changed after the save)")
+        return
     if got.digest != want.digest:
         raise ChecksumError(f"{source}: {name} has {checksum} {got.digest[:16]}... where the manifest recorded "
                             f"{want.digest[:16]}... (its bytes changed after the save)")
@@ -222,6 +257,9 @@ def compare(name: str, got: FileEntry, want: FileEntry, source: str, checksum: s
 
 def verify_file(store: Store, name: str, want: FileEntry, checksum: str) -> None:
     """Stream one file of a step (``store`` is the step directory) and check its size and ``checksum``.
+
+    The whole-file digest is what is checked; when it differs and the entry
+    has part digests, the error names the byte range of the first damaged part.
 
     Raises:
         ChecksumError: the bytes differ from the manifest.
@@ -231,6 +269,29 @@ def verify_file(store: Store, name: str, want: FileEntry, checksum: str) -> None
     try:
         with store.open_read(name) as fh:
             got = HashingReader(fh, checksum).finish()
+        where = damaged_range(store, name, want, checksum) if got.digest != want.digest else ""
     except FileNotFoundError as exc:
         raise CorruptCheckpointError(f"{store.root}: {name} is listed in the manifest but missing") from exc
-    compare(name, got, want, store.root, checksum)
+    if where and got.size == want.size:
+        raise ChecksumError(f"{store.root}: {name} has {checksum} {got.digest[:16]}... where the manifest recorded "
+                            f"{want.digest[:16]}...; {where} changed after the save")
+    compare(name, got, want, store.root, checksum)  # the whole-file digest decides, whatever the parts said
+
+
+def damaged_range(store: Store, name: str, want: FileEntry, checksum: str) -> str:
+    """``'bytes A-B'``: the first part of ``name`` whose digest differs from ``want``'s parts; empty without parts.
+
+    A second pass over the file, for an error message once the whole-file
+    digest has been found to differ.
+    """
+    if not want.parts:
+        return ""
+    try:
+        with store.open_read(name) as fh:
+            got = HashingReader(fh, checksum, want).finish()
+    except (OSError, CheckpointError):  # only a message depends on it; the caller reports the mismatch anyway
+        return ""
+    bad = next((i for i, (a, b) in enumerate(zip(got.parts, want.parts)) if a != b), None)
+    if bad is None:
+        return ""
+    return f"bytes {bad * want.part_size}-{min((bad + 1) * want.part_size, got.size) - 1}"

@@ -102,23 +102,27 @@ class InOrder:
 
 
 def read_pieces(fd: int, start: int, pieces: Sequence[Tuple[str, memoryview]], landed: Callable[[int], None],
-                 threads: int) -> None:
+                 threads: int, segments: Optional[Sequence[Tuple[int, int]]] = None) -> None:
     """Read ``pieces`` (back to back from ``start``) with ``os.preadv`` on up to ``threads`` threads.
 
-    The pieces are grouped into segments of about :data:`SEGMENT` bytes that
-    the threads take in turn, so they read neighbouring parts of the file at
-    the same time and the slowest finishes at most one segment after the
-    others. ``landed(i)`` is called as piece ``i`` is complete. Every thread
-    has stopped when this returns or raises (after an error the threads take
-    no more segments; of their errors, the one at the lowest offset is raised).
+    The pieces are grouped into segments (``segments``: ``(first, end)``
+    index ranges that cover the pieces in order; by default about
+    :data:`SEGMENT` bytes each) that the threads take in turn, so they read
+    neighbouring parts of the file at the same time and the slowest finishes
+    at most one segment after the others. One thread reads all the pieces of
+    a segment, in order. ``landed(i)`` is called, on that thread, as piece
+    ``i`` is complete. Every thread has stopped when this returns or raises
+    (after an error the threads take no more segments; of their errors, the
+    one at the lowest offset is raised).
     """
-    segments: List[Tuple[int, int]] = []
-    first = size = 0
-    for i, (_, view) in enumerate(pieces):
-        size += len(view)
-        if size >= SEGMENT or i == len(pieces) - 1:
-            segments.append((first, i + 1))
-            first, size = i + 1, 0
+    if segments is None:
+        segments = []
+        first = size = 0
+        for i, (_, view) in enumerate(pieces):
+            size += len(view)
+            if size >= SEGMENT or i == len(pieces) - 1:
+                segments.append((first, i + 1))
+                first, size = i + 1, 0
     offsets = []
     at = start
     for _, view in pieces:

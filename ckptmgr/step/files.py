@@ -100,7 +100,7 @@ def _write(store: Store, name: str, fill: Callable[[HashingWriter], Any], checks
     # The step is not visible until its commit, so its files need no atomicity of their own;
     # the step format fsyncs the directory once after the last file.
     with store.write_unpublished(name) as fh:
-        writer = HashingWriter(fh, checksum)
+        writer = HashingWriter(fh, checksum, parts=True)  # part digests let a restore verify on every core
         fill(writer)
     fault_point("save.after_data_file")
     return writer.entry()
@@ -158,7 +158,7 @@ def _read(store: Store, manifest: Manifest, name: str, verify: bool, parse: Call
 
     try:
         with store.open_read(name) as fh:
-            reader = HashingReader(fh, manifest.checksum if verify else None)
+            reader = HashingReader(fh, manifest.checksum if verify else None, want)
             try:
                 value = parse(reader, want.size)
             except CorruptCheckpointError:

@@ -99,14 +99,16 @@ class RankFiles:
 
     def to_json(self) -> Dict[str, Any]:
         """The record as JSON (it travels through the save's all-gather)."""
-        return {"files": {n: [e.size, e.digest] for n, e in self.files.items()}, "components": self.components,
+        return {"files": {n: [e.size, e.digest] + ([e.part_size, list(e.parts)] if e.parts else [])
+                          for n, e in self.files.items()}, "components": self.components,
                 "rng": self.rng, "rank_state": self.rank_state}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "RankFiles":
         """Rebuild a record sent by :meth:`to_json`."""
         rank_state = data.get("rank_state")
-        return cls({n: FileEntry(int(size), str(digest)) for n, (size, digest) in data["files"].items()},
+        return cls({n: FileEntry(int(e[0]), str(e[1]), *((tuple(e[3]), int(e[2])) if len(e) > 2 else ()))
+                    for n, e in data["files"].items()},
                    dict(data["components"]), str(data["rng"]), None if rank_state is None else str(rank_state))
 
 

@@ -113,8 +113,8 @@ def test_large_files_are_read_on_several_threads_and_still_verified(tmp_path, mo
     from ckptmgr.format import checksum as checksums
     split = []
     real = checksums.read_pieces
-    monkeypatch.setattr(checksums, "read_pieces", lambda fd, start, pieces, landed, n: (
-        split.append(sum(len(view) for _, view in pieces)), real(fd, start, pieces, landed, max(n, 2)))[1])
+    monkeypatch.setattr(checksums, "read_pieces", lambda fd, start, pieces, landed, n, segments=None: (
+        split.append(sum(len(view) for _, view in pieces)), real(fd, start, pieces, landed, max(n, 2), segments))[1])
     directory = str(tmp_path / "run")
     model, opt = _large()
     with CheckpointManager(directory, checksum=checksum) as mgr:

@@ -33,9 +33,9 @@ def test_a_large_local_file_fills_on_several_threads_and_hashes_like_one_pass(tm
     threads = []
     real = checksum.read_pieces
 
-    def spy(fd, start, pieces, landed, n):
+    def spy(fd, start, pieces, landed, n, segments=None):
         threads.append(n)
-        return real(fd, start, pieces, landed, max(n, 3))  # at least 3 readers, even on a 1-core runner
+        return real(fd, start, pieces, landed, max(n, 3), segments)  # at least 3 readers, even on a 1-core runner
     monkeypatch.setattr(checksum, "read_pieces", spy)
     size = HEAD + 2 * SPLIT_FROM + 12345 + 77
     path, data = _file(tmp_path, size)

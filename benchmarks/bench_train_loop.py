@@ -62,12 +62,22 @@ def run(state_mib: float, repeats: int, scratch: str, every: int, batch: int) ->
                 managers[kind].wait()  # the segment ends when its checkpoint is durable
 
         def run_one():
-            seconds = timed(steps)
-            for name in os.listdir(scratch):  # DCP's checkpoints: removed outside the clock
-                if name.startswith("dcp-"):
-                    shutil.rmtree(os.path.join(scratch, name))
-            return seconds
+            settle()
+            return timed(steps)
         return run_one
+
+    def settle():
+        # Every segment starts with no deletes pending, outside the clock: DCP's previous checkpoints are
+        # removed here, and the managers' background deletes of the steps their retention dropped (max_to_keep=1)
+        # are waited for, then os.sync(). Without it, one variant's delete (unlinking 512 MiB takes about 0.2 s
+        # of this disk, mounted with `discard`) ran inside the next variant's segment. Neither side's
+        # deletes are counted, as in bench_save.
+        for name in os.listdir(scratch):
+            if name.startswith("dcp-"):
+                shutil.rmtree(os.path.join(scratch, name))
+        for manager in managers.values():
+            manager._reclaimer.wait()
+        os.sync()
 
     variants = {"none": segment("none"), "sync": segment("sync"), "async": segment("async"),
                 "dcp_async": segment("dcp_async")}
@@ -96,7 +106,8 @@ def run(state_mib: float, repeats: int, scratch: str, every: int, batch: int) ->
 def main(argv=None) -> dict:
     parser = base_parser(__doc__)
     # Short segments, many of them: step times drift (2x over minutes on a shared VM), and a drift hits
-    # interleaved short segments of every variant alike.
+    # interleaved short segments of every variant alike. Single steps still vary by 20-40% here, so a
+    # round's differences scatter by several tenths of a second: run_all's full run takes 21 rounds.
     parser.set_defaults(repeats=9)
     parser.add_argument("--every", type=int, default=4, help="training steps after each save (one segment)")
     parser.add_argument("--batch", type=int, default=16)

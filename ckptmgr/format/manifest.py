@@ -34,6 +34,9 @@ FORMAT_VERSION = 2
 
 _FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)?$")
 _HEX = re.compile(r"^[0-9a-f]+$")
+#: The smallest part size a manifest may name (this code writes 4 MiB parts): a crafted manifest with
+#: tiny parts would only make a restore slow, hashing a few bytes per part.
+_MIN_PART = 64 * 1024
 
 
 def version_for(checksum: str) -> int:
@@ -153,7 +156,7 @@ class Manifest:
         for name, entry in files.items():
             if (not _FILE_RE.match(name) or ".." in name or entry.size < 0
                     or not all(len(d) == digits and _HEX.match(d) for d in (entry.digest, *entry.parts))
-                    or (entry.parts and (entry.part_size <= 0
+                    or (entry.parts and (entry.part_size < _MIN_PART
                                          or len(entry.parts) != -(-entry.size // entry.part_size)))):
                 raise CorruptCheckpointError(f"{source} lists an invalid file entry {name!r}")
         return manifest

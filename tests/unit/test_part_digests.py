@@ -123,7 +123,7 @@ def test_parts_travel_through_the_manifest_and_the_rank_reports(tmp_path):
     assert again.files["model.safetensors"].part_size == PART
 
 
-@pytest.mark.parametrize("damage", ["count", "hex", "size"])
+@pytest.mark.parametrize("damage", ["count", "hex", "size", "tiny"])
 def test_malformed_part_digests_make_the_manifest_corrupt(tmp_path, damage):
     _, _, entry = _written(tmp_path, 2 * PART + 5)
     parts = list(entry.parts)
@@ -132,8 +132,11 @@ def test_malformed_part_digests_make_the_manifest_corrupt(tmp_path, damage):
         parts = parts[:-1]
     elif damage == "hex":
         parts[1] = "zz" * 16
-    else:
+    elif damage == "size":
         part_size = 0
+    else:  # consistent, but parts of 1 KiB: refused, a restore would hash a few bytes at a time
+        part_size = 1024
+        parts = ["ab" * 16] * -(-entry.size // part_size)
     bad = FileEntry(entry.size, entry.digest, tuple(parts), part_size)
     data = Manifest(step=1, files={"model.safetensors": bad}, components={}, checksum="xxh3").to_bytes()
     with pytest.raises(CorruptCheckpointError, match="invalid file entry"):

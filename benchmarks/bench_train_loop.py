@@ -67,11 +67,11 @@ def run(state_mib: float, repeats: int, scratch: str, every: int, batch: int) ->
         return run_one
 
     def settle():
-        # Every segment starts with no deletes pending, outside the clock: DCP's previous checkpoints are
-        # removed here, and the managers' background deletes of the steps their retention dropped (max_to_keep=1)
-        # are waited for, then os.sync(). Without it, one variant's delete (unlinking 512 MiB takes about 0.2 s
-        # of this disk, mounted with `discard`) ran inside the next variant's segment. Neither side's
-        # deletes are counted, as in bench_save.
+        # Every segment starts with no delete pending, outside the clock, so that no variant's delete runs in
+        # another variant's segment (unlinking 512 MiB takes about 0.2 s of this disk, mounted with `discard`):
+        # DCP's previous checkpoints are removed here (DCP has no retention), and a manager's background delete
+        # of the step its retention dropped (max_to_keep=1), which starts during its own segment, is waited for
+        # if it is still running; then os.sync().
         for name in os.listdir(scratch):
             if name.startswith("dcp-"):
                 shutil.rmtree(os.path.join(scratch, name))

@@ -5,9 +5,13 @@ K training steps, and ends when that save is durable (an async save that is
 not done after K steps is waited for, as the next save's back-pressure would).
 That is what a long run with a save every K steps costs per save. Segments of
 the four variants (no save, ckptmgr sync, ckptmgr async, ``dcp.async_save``)
-are interleaved, A B C D A B C D ..., and a variant's cost is the median over
-rounds of its segment time minus the no-save segment of the same round, so a
-noisy neighbour or a slow spell hits every variant alike.
+are interleaved, a round of all four after another, and a variant's cost is
+the median over rounds of its segment time minus the no-save segment of the
+same round, so a noisy neighbour or a slow spell hits every variant alike.
+The order changes from round to round so that each variant follows each
+other one equally often (a Williams design): in a fixed order the no-save
+segment always came right after ``dcp.async_save``'s and was slowed by it
+(by whatever it leaves behind), which made every save's cost read too low.
 
 M3  (async - none) / (sync - none): the share of a sync save's cost an async save still costs the loop
     (async - none) / (dcp.async_save - none): ckptmgr's async overhead against DCP's, same loop
@@ -83,7 +87,7 @@ def run(state_mib: float, repeats: int, scratch: str, every: int, batch: int) ->
                 "dcp_async": segment("dcp_async")}
     for variant in variants.values():  # warm-up, not kept
         variant()
-    samples = interleave(variants, repeats)
+    samples = interleave(variants, repeats, balanced=True)
     for manager in managers.values():
         manager.close()
     med = {name: median(values) for name, values in samples.items()}
@@ -107,7 +111,7 @@ def main(argv=None) -> dict:
     parser = base_parser(__doc__)
     # Short segments, many of them: step times drift (2x over minutes on a shared VM), and a drift hits
     # interleaved short segments of every variant alike. Single steps still vary by 20-40% here, so a
-    # round's differences scatter by several tenths of a second: run_all's full run takes 21 rounds.
+    # round's differences scatter by several tenths of a second: run_all's full run takes 24 rounds.
     parser.set_defaults(repeats=9)
     parser.add_argument("--every", type=int, default=4, help="training steps after each save (one segment)")
     parser.add_argument("--batch", type=int, default=16)

@@ -68,15 +68,40 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def balanced_orders(n: int) -> List[List[int]]:
+    """Orders of ``n`` variants (a Williams design) in which each variant directly follows every other equally often.
+
+    ``n`` rows for an even ``n`` (each ordered pair once), ``2n`` for an odd one.
+    """
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:
+        if len(first) % 2:
+            first.append(low)
+            low += 1
+        else:
+            first.append(high)
+            high -= 1
+    rows = [[(x + i) % n for x in first] for i in range(n)]
+    return rows + [row[::-1] for row in rows] if n % 2 else rows
+
+
 def interleave(variants: Dict[str, Callable[[], float]], repeats: int,
-               setup: Optional[Callable[[], None]] = None) -> Dict[str, List[float]]:
-    """Run each variant ``repeats`` times, round-robin; each returns its own measured seconds."""
+               setup: Optional[Callable[[], None]] = None, balanced: bool = False) -> Dict[str, List[float]]:
+    """Run each variant ``repeats`` times, a round of every variant after another; each returns its own seconds.
+
+    With ``balanced``, round ``r`` runs the variants in the order of row ``r`` of
+    :func:`balanced_orders` instead of always the same order, so what one
+    variant leaves behind (freed memory, a cold cache) slows the variant after
+    it in turn rather than always the same one.
+    """
+    names = list(variants)
+    orders = balanced_orders(len(names)) if balanced else [list(range(len(names)))]
     samples: Dict[str, List[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
+    for r in range(repeats):
+        for i in orders[r % len(orders)]:
             if setup is not None:
                 setup()
-            samples[name].append(fn())
+            samples[names[i]].append(variants[names[i]]())
     return samples
 
 

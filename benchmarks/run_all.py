@@ -90,7 +90,7 @@ def plan(quick: bool):
         # the disk's speed moves from one save to the next on a shared machine: more samples per median
         "save": ("bench_save.py", ["--repeats", "9"]),
         "load": ("bench_load.py", ["--repeats", "9"]),
-        "train_loop": ("bench_train_loop.py", ["--repeats", "21"]),
+        "train_loop": ("bench_train_loop.py", ["--repeats", "24"]),  # 6 times each of the 4 orders
         "memory": ("bench_memory.py", []),
         "s3": ("bench_s3.py", []),
         "tiered": ("bench_tiered.py", []),

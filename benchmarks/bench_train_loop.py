@@ -9,9 +9,11 @@ are interleaved, a round of all four after another, and a variant's cost is
 the median over rounds of its segment time minus the no-save segment of the
 same round, so a noisy neighbour or a slow spell hits every variant alike.
 The order changes from round to round so that each variant follows each
-other one equally often (a Williams design): in a fixed order the no-save
-segment always came right after ``dcp.async_save``'s and was slowed by it
-(by whatever it leaves behind), which made every save's cost read too low.
+other one equally often (a Williams design). In a fixed order the no-save
+segment always came right after ``dcp.async_save``'s, and the sync save's
+cost read less than the sync save itself takes (0.22-0.24 s against
+0.28-0.44 s, in three full runs), which is impossible: the loop waits for all
+of it. With the order varied it read 0.32 s.
 
 M3  (async - none) / (sync - none): the share of a sync save's cost an async save still costs the loop
     (async - none) / (dcp.async_save - none): ckptmgr's async overhead against DCP's, same loop

@@ -38,3 +38,18 @@ def test_run_all_quick_produces_every_figure(tmp_path):
     assert "M1 sync durable save throughput" in table and "retention" in table
     assert "| durable save |" in table and "accelerate" in table
     assert os.listdir(tmp_path) == ["results.json"]  # scratch space cleaned up
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6])
+def test_balanced_orders_let_each_variant_follow_each_other_equally_often(n):
+    from common import balanced_orders, interleave
+    rows = balanced_orders(n)
+    assert all(sorted(row) == list(range(n)) for row in rows)
+    follows = {}
+    for row in rows:
+        for a, b in zip(row, row[1:]):
+            follows[a, b] = follows.get((a, b), 0) + 1
+    assert len(follows) == n * (n - 1) and len(set(follows.values())) <= 1  # every ordered pair, as often
+    ran = []
+    samples = interleave({str(i): (lambda i=i: ran.append(i) or 0.0) for i in range(n)}, len(rows), balanced=True)
+    assert ran == [i for row in rows for i in row] and all(len(v) == len(rows) for v in samples.values())

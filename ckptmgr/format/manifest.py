@@ -246,12 +246,11 @@ def compare(name: str, got: FileEntry, want: FileEntry, source: str, checksum: s
         raise ChecksumError(f"{source}: {name} is {got.size} bytes, the manifest recorded {want.size}")
     if got.parts:
         if (got.part_size, got.parts) != (want.part_size, want.parts):
-            bad = next((i for i, (a, b) in enumerate(zip(got.parts, want.parts)) if a != b), 0)
-            first = bad * got.part_size
-            last = min(first + got.part_size, got.size) - 1
+            bad = _first_bad_part(got, want) or 0
             recorded = want.parts[bad][:16] if bad < len(want.parts) else "-"
-            raise ChecksumError(f"{source}: {name} has {checksum} {got.parts[bad][:16]}... in bytes {first}-{last} "
-                                f"where the manifest recorded {recorded}... (its bytes changed after the save)")
+            raise ChecksumError(f"{source}: {name} has {checksum} {got.parts[bad][:16]}... in "
+                                f"{_part_bytes(got, bad)} where the manifest recorded {recorded}... (its bytes "
+                                f"changed after the save)")
         return
     if got.digest != want.digest:
         raise ChecksumError(f"{source}: {name} has {checksum} {got.digest[:16]}... where the manifest recorded "
@@ -294,7 +293,16 @@ def damaged_range(store: Store, name: str, want: FileEntry, checksum: str) -> st
             got = HashingReader(fh, checksum, want).finish()
     except (OSError, CheckpointError):  # only a message depends on it; the caller reports the mismatch anyway
         return ""
-    bad = next((i for i, (a, b) in enumerate(zip(got.parts, want.parts)) if a != b), None)
-    if bad is None:
-        return ""
-    return f"bytes {bad * want.part_size}-{min((bad + 1) * want.part_size, got.size) - 1}"
+    bad = _first_bad_part(got, want)
+    return "" if bad is None else _part_bytes(got, bad)
+
+
+def _first_bad_part(got: FileEntry, want: FileEntry) -> Optional[int]:
+    """The index of the first part whose digest in ``got`` differs from ``want``'s, or None."""
+    return next((i for i, (a, b) in enumerate(zip(got.parts, want.parts)) if a != b), None)
+
+
+def _part_bytes(entry: FileEntry, index: int) -> str:
+    """``'bytes A-B'``: the byte range of part ``index`` of the file ``entry`` describes."""
+    first = index * entry.part_size
+    return f"bytes {first}-{min(first + entry.part_size, entry.size) - 1}"

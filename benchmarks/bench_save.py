@@ -20,6 +20,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from common import base_parser, interleave, machine, make_state, median, run_in_scratch, timed  # noqa: E402
+from common import settle as settle_managers  # noqa: E402
 from peers import PEER_SAVES, Peers, best  # noqa: E402
 
 import ckptmgr  # noqa: E402
@@ -48,12 +49,8 @@ def run(state_mib: float, repeats: int, scratch: str, with_accelerate: bool = Tr
     def settle():
         # Deleting the previous files is not part of a save (the managers free dropped steps' space
         # in a background thread after save returns; the baselines unlink theirs), so every variant
-        # starts after those deletes and after os.sync(): a manager's delete would otherwise run during
-        # the next variant's clock (unlinking 512 MiB took 0.18 s on this machine's disk, mounted with
-        # `discard`).
-        for manager in (sync_mgr, async_mgr):
-            manager._reclaimer.wait()
-        os.sync()
+        # starts after those deletes and after os.sync() (common.settle).
+        settle_managers((sync_mgr, async_mgr))
 
     def drop(path):
         if os.path.exists(path):

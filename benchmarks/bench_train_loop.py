@@ -28,6 +28,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from common import base_parser, interleave, machine, make_state, median, run_in_scratch, timed  # noqa: E402
+from common import settle as settle_managers  # noqa: E402
 from peers import Peers  # noqa: E402
 
 import ckptmgr  # noqa: E402
@@ -81,9 +82,7 @@ def run(state_mib: float, repeats: int, scratch: str, every: int, batch: int) ->
         for name in os.listdir(scratch):
             if name.startswith("dcp-"):
                 shutil.rmtree(os.path.join(scratch, name))
-        for manager in managers.values():
-            manager._reclaimer.wait()
-        os.sync()
+        settle_managers(managers.values())
 
     variants = {"none": segment("none"), "sync": segment("sync"), "async": segment("async"),
                 "dcp_async": segment("dcp_async")}
